@@ -1,0 +1,68 @@
+# Two commands do everything on a fresh clone: `make book` and `make test`.
+# Each creates .venv from requirements.txt when it is missing or older than requirements.txt.
+# Nothing needs activating: every command below calls .venv/bin/... directly.
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+BENCH  := .venv-bench
+export PYTHONHASHSEED := 0
+export MPLBACKEND := Agg
+
+.PHONY: help venv test test-unit test-notebooks book book-student student check-site bench clean
+
+help:
+	@echo "make book          build the Jupyter Book (executes every chapter on CPU) into _build/html"
+	@echo "make test          unit tests + nbval over every chapter and exercise notebook"
+	@echo "make student       write student versions of the exercises (no solutions) into student/"
+	@echo "make book-student  build the book with no solutions into _build/student/html"
+	@echo "make check-site    open every built page in headless Chromium and check math, figures, search"
+	@echo "make bench         run the benchmarks against scvi-tools (own venv: .venv-bench)"
+	@echo "make clean         remove .venv, _build and caches"
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip check
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import mini_scvi, torch; print('mini_scvi', mini_scvi.__version__, 'torch', torch.__version__)"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: test-unit test-notebooks
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests -q
+
+test-notebooks: $(STAMP)
+	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider book/*.ipynb exercises/*.ipynb
+
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
+	@echo "Open _build/html/index.html"
+
+student: $(STAMP)
+	$(PY) exercises/make_student.py exercises student
+
+book-student: $(STAMP)
+	$(PY) exercises/make_student.py --book _build/student_src
+	$(VENV)/bin/jupyter-book build _build/student_src --path-output _build/student --warningiserror --keep-going
+
+check-site: $(STAMP)
+	$(PY) tests/site/check_site.py _build/html
+
+$(BENCH)/.installed: benchmarks/requirements.txt
+	test -x $(BENCH)/bin/python || python3 -m venv $(BENCH)
+	$(BENCH)/bin/pip install -q --disable-pip-version-check -r benchmarks/requirements.txt 2>&1 | grep -v "is ignored" || true
+	$(BENCH)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
+	touch $@
+
+bench: $(STAMP) $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/scvi_vs_scvi_tools.py
+	$(BENCH)/bin/python benchmarks/autozi_simulation.py
+	$(PY) benchmarks/scale.py
+
+clean:
+	rm -rf _build $(VENV) $(BENCH) student .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,6 @@
+"""Models, one file each, in the order the book builds them: AE -> VAE -> SCVI -> AUTOZI."""
+
+from .ae import AE
+from .vae import VAE
+
+__all__ = ["AE", "VAE"]

@@ -1,0 +1,131 @@
+"""The one training loop, used by every model (chapter 2; KL warm-up in chapter 5).
+
+Each epoch: shuffle the training cells, take Adam steps on minibatches, then evaluate the same
+loss terms on the validation cells. The KL weight ramps linearly from 0 to 1 over
+``n_epochs_kl_warmup`` epochs, as in scvi-tools. History keeps, per epoch, every loss term on
+both splits, named as scvi-tools names them (``elbo_train``, ``reconstruction_loss_validation``...).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ._adata import TensorData
+from .module import BaseModule
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then the CPU; anything else is passed to torch."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def split_indices(n_obs: int, train_size: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """A random train/validation split of ``range(n_obs)`` drawn from torch's (seeded) generator."""
+    if not 0.0 < train_size <= 1.0:
+        raise ValueError(f"train_size must be in (0, 1], got {train_size}")
+    perm = torch.randperm(n_obs).numpy()
+    n_train = int(math.ceil(train_size * n_obs))
+    if n_train < 2:
+        raise ValueError(f"{n_obs} cells with train_size={train_size} leave fewer than 2 training cells.")
+    return np.sort(perm[:n_train]), np.sort(perm[n_train:])
+
+
+def kl_weight_at(epoch: int, n_epochs_kl_warmup: int | None) -> float:
+    """Linear warm-up: 0 at epoch 0, 1 from epoch ``n_epochs_kl_warmup`` on."""
+    if not n_epochs_kl_warmup:
+        return 1.0
+    return min(1.0, epoch / n_epochs_kl_warmup)
+
+
+def _epoch_sums(module: BaseModule, data: TensorData, indices: np.ndarray, batch_size: int,
+                kl_weight: float, n_obs: int, optimizer: torch.optim.Optimizer | None, epoch: int) -> dict:
+    sums: dict[str, float] = defaultdict(float)
+    for step, tensors in enumerate(data.batches(indices, batch_size, shuffle=optimizer is not None)):
+        _, _, out = module(tensors, kl_weight=kl_weight, n_obs=n_obs)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"The loss became {out.loss.item()} at epoch {epoch}, step {step}. Usual causes: input that "
+                "is not raw counts, or a learning rate that is too high for this model; try "
+                "plan_kwargs={'lr': <smaller>}. The parameters from before this step are kept."
+            )
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+        n = out.reconstruction_loss.shape[0]
+        sums["loss"] += out.loss.item() * n
+        sums["reconstruction_loss"] += out.reconstruction_loss.sum().item()
+        sums["kl_local"] += out.kl_local.sum().item()
+        sums["kl_global"] = out.kl_global.item()
+        sums["n"] += n
+    return sums
+
+
+def train_module(
+    module: BaseModule,
+    data: TensorData,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    max_epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    eps: float = 0.01,
+    weight_decay: float = 1e-6,
+    n_epochs_kl_warmup: int | None = 400,
+    early_stopping: bool = False,
+    early_stopping_patience: int = 45,
+    early_stopping_min_delta: float = 0.0,
+    progress_bar: bool = True,
+) -> dict[str, list[float]]:
+    """Train ``module`` in place on ``data`` and return the per-epoch history.
+
+    Defaults are scvi-tools': Adam(lr 1e-3, eps 0.01, weight_decay 1e-6), batch size 128,
+    KL warm-up over 400 epochs, early stopping on ``elbo_validation`` with patience 45.
+    """
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr, eps=eps, weight_decay=weight_decay)
+    n_obs = len(train_idx)
+    history: dict[str, list[float]] = defaultdict(list)
+    best, since_best = float("inf"), 0
+    bar = tqdm(range(max_epochs), desc="Training", disable=not progress_bar, unit="epoch")
+    for epoch in bar:
+        kl_weight = kl_weight_at(epoch, n_epochs_kl_warmup)
+        module.train()
+        splits = {"train": _epoch_sums(module, data, train_idx, batch_size, kl_weight, n_obs, optimizer, epoch)}
+        if len(val_idx):
+            module.eval()
+            with torch.no_grad():
+                splits["validation"] = _epoch_sums(module, data, val_idx, batch_size, kl_weight, n_obs, None, epoch)
+        for split, s in splits.items():
+            n = s["n"]
+            rec, kl_l, kl_g = s["reconstruction_loss"] / n, s["kl_local"] / n, s["kl_global"]
+            history[f"elbo_{split}"].append(rec + kl_l + kl_g / n_obs)  # negative ELBO per cell
+            history[f"reconstruction_loss_{split}"].append(rec)
+            history[f"kl_local_{split}"].append(kl_l)
+            history[f"kl_global_{split}"].append(kl_g)
+        history["train_loss_epoch"].append(splits["train"]["loss"] / splits["train"]["n"])
+        history["kl_weight"].append(kl_weight)
+        bar.set_postfix(train_loss=f"{history['train_loss_epoch'][-1]:.4g}")
+        if early_stopping:
+            monitor = history["elbo_validation" if len(val_idx) else "elbo_train"][-1]
+            if monitor < best - early_stopping_min_delta:
+                best, since_best = monitor, 0
+            else:
+                since_best += 1
+                if since_best >= early_stopping_patience:
+                    bar.close()
+                    if progress_bar:
+                        print(f"Early stopping at epoch {epoch + 1}: no improvement in {early_stopping_patience} epochs.")
+                    break
+    module.eval()
+    return dict(history)
