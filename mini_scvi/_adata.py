@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from scipy.special import gammaln
 
 REGISTRY_KEY = "_mini_scvi"
 
@@ -132,6 +133,24 @@ def _codes(adata: ad.AnnData, key: str | None, categories: list[str], what: str)
     return np.array([lookup[v] for v in values], dtype=np.int64)
 
 
+def library_log_stats(adata: ad.AnnData, registry: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of log total counts in each batch: scVI's prior on the log library size.
+
+    Returns two float32 arrays of shape (n_batch,).
+    """
+    totals = np.asarray(_matrix(adata, registry["layer"]).sum(axis=1), dtype=np.float64).ravel()
+    codes = _codes(adata, registry["batch_key"], registry["batch_categories"], "batch")
+    log_totals = np.log(totals)
+    n_batch = len(registry["batch_categories"])
+    means, variances = np.zeros(n_batch), np.ones(n_batch)
+    for b in range(n_batch):
+        lb = log_totals[codes == b]
+        if len(lb):
+            means[b] = lb.mean()
+            variances[b] = lb.var() if len(lb) > 1 else 1.0
+    return means.astype(np.float32), np.maximum(variances, 1e-4).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- minibatches
 
 
@@ -150,28 +169,20 @@ class TensorData:
             self._csr = sp.csr_matrix(X, dtype=np.float32)  # stays on the host; no dense copy
         else:
             self._dense = torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.device)
+        # sum_g log(x_ng!) per cell: it depends on the data alone, so it is computed once here
+        # instead of at every training step (see mini_scvi/distributions.py)
+        if self.sparse:
+            lf = sp.csr_matrix((gammaln(self._csr.data + 1.0), self._csr.indices, self._csr.indptr), shape=self._csr.shape)
+            log_x_factorial = np.asarray(lf.sum(axis=1), dtype=np.float32).ravel()
+        else:
+            log_x_factorial = torch.lgamma(self._dense + 1.0).sum(1).cpu().numpy()
+        self.log_x_factorial = torch.as_tensor(log_x_factorial, device=self.device)
         self.batch = torch.as_tensor(
             _codes(adata, registry["batch_key"], registry["batch_categories"], "batch"), device=self.device
         )
         self.labels = torch.as_tensor(
             _codes(adata, registry["labels_key"], registry["labels_categories"], "labels"), device=self.device
         )
-
-    def library_log_stats(self, indices: np.ndarray, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and variance of log total counts per batch over ``indices`` (scVI's library prior)."""
-        if self.sparse:
-            totals = np.asarray(self._csr[indices].sum(axis=1)).ravel()
-        else:
-            totals = self._dense[torch.as_tensor(indices, device=self.device)].sum(1).cpu().numpy()
-        log_totals = np.log(totals)
-        batch = self.batch.cpu().numpy()[indices]
-        means, variances = np.zeros(n_batch), np.ones(n_batch)
-        for b in range(n_batch):
-            lb = log_totals[batch == b]
-            if len(lb):
-                means[b] = lb.mean()
-                variances[b] = lb.var() if len(lb) > 1 else 1.0
-        return means.astype(np.float32), np.maximum(variances, 1e-4).astype(np.float32)
 
     def batches(self, indices: np.ndarray, batch_size: int, shuffle: bool = False) -> Iterator[dict]:
         """Yield minibatches over ``indices``. Never yields a batch of one cell while training
@@ -192,4 +203,9 @@ class TensorData:
             else:
                 x = self._dense[torch.as_tensor(idx, device=self.device)]
             tidx = torch.as_tensor(idx, device=self.device)
-            yield {"X": x, "batch": self.batch[tidx], "labels": self.labels[tidx]}
+            yield {
+                "X": x,
+                "batch": self.batch[tidx],
+                "labels": self.labels[tidx],
+                "log_x_factorial": self.log_x_factorial[tidx],
+            }

@@ -42,11 +42,12 @@ def nb_log_prob(
     mu = mu.clamp_min(_tiny(mu))
     theta = theta.clamp_min(_tiny(theta))
     log_theta_mu = torch.log(theta + mu)
+    # the two large lgammas are differenced first: adding a small log p(0) to lgamma(theta) ~ 1e6
+    # before subtracting it again would round away its digits (at x = 0 this difference is exactly 0)
     res = (
-        -theta * torch.log1p(mu / theta)  # theta * log(theta / (theta + mu)): log p(0) of the NB
+        (torch.lgamma(x + theta) - torch.lgamma(theta))
+        - theta * torch.log1p(mu / theta)  # theta * log(theta / (theta + mu)): log p(0) of the NB
         + x * (torch.log(mu) - log_theta_mu)
-        + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
     )
     return res - torch.lgamma(x + 1) if include_constant else res
 
