@@ -163,3 +163,24 @@ def simulate_counts(
     adata = ad.AnnData(X=X, obs=obs, var=var)
     adata.varm["lfc"] = pd.DataFrame(lfc.T, index=var.index, columns=[f"type{t}" for t in range(n_cell_types)])
     return adata
+
+
+def pbmc3k_hvg(n_top_genes: int = 1200, min_genes: int = 200, min_cells: int = 3) -> ad.AnnData:
+    """pbmc3k as the course trains on it (chapters 2-8 and the benchmarks).
+
+    Cells with at least ``min_genes`` detected genes, genes detected in at least ``min_cells``
+    cells, then the ``n_top_genes`` highly variable genes (scanpy's 'seurat' flavor, computed on a
+    log-normalized copy). ``X`` and ``layers['counts']`` hold the raw counts of those genes.
+    """
+    import scanpy as sc  # imported here: scanpy is slow to import and only this function needs it
+
+    adata = pbmc3k()
+    sc.pp.filter_cells(adata, min_genes=min_genes)
+    sc.pp.filter_genes(adata, min_cells=min_cells)
+    lognorm = adata.copy()
+    sc.pp.normalize_total(lognorm, target_sum=1e4)
+    sc.pp.log1p(lognorm)
+    sc.pp.highly_variable_genes(lognorm, n_top_genes=n_top_genes, flavor="seurat")
+    adata = adata[:, lognorm.var["highly_variable"].to_numpy()].copy()
+    adata.layers["counts"] = adata.X.copy()
+    return adata

@@ -135,7 +135,8 @@ class SCVIModule(BaseModule):
     def generative(
         self, z: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor, labels: torch.Tensor | None = None
     ) -> dict:
-        """Returns px_scale (rho), px_rate (mu = l * rho), px_r (theta) and px_dropout (ZI logits), each (n, n_genes)."""
+        """Returns px_scale (rho), px_rate (mu = l * rho), px_r (theta) and px_dropout (ZI logits): (n, n_genes)
+        each, except px_r, which is (n_genes,) with ``dispersion='gene'``."""
         px_scale, px_dropout, h = self.decoder(z, batch_index)
         if self.dispersion == "gene":
             log_theta = self.px_r
@@ -148,7 +149,7 @@ class SCVIModule(BaseModule):
         return {
             "px_scale": px_scale,
             "px_rate": torch.exp(library) * px_scale,
-            "px_r": torch.exp(log_theta).expand_as(px_scale),
+            "px_r": torch.exp(log_theta),  # (n_genes,) for 'gene': broadcast, so lgamma(theta) runs G times, not n x G
             "px_dropout": px_dropout,
         }
 
