@@ -7,7 +7,6 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 BENCH  := .venv-bench
 export PYTHONHASHSEED := 0
-export MPLBACKEND := Agg
 
 .PHONY: help venv test test-unit test-notebooks book book-student student check-site bench clean
 
