@@ -64,9 +64,16 @@ class AE(BaseModel):
     _default_plan = {"n_epochs_kl_warmup": None}  # nothing to warm up: there is no KL term
 
     def __init__(
-        self, adata: ad.AnnData, n_latent: int = 10, hidden_sizes: Sequence[int] = (256, 64), dropout_rate: float = 0.1
+        self,
+        adata: ad.AnnData,
+        n_latent: int = 10,
+        hidden_sizes: Sequence[int] = (256, 64),
+        dropout_rate: float = 0.1,
+        **module_kwargs,
     ) -> None:
-        super().__init__(adata, n_latent=n_latent, hidden_sizes=tuple(hidden_sizes), dropout_rate=dropout_rate)
+        super().__init__(
+            adata, n_latent=n_latent, hidden_sizes=tuple(hidden_sizes), dropout_rate=dropout_rate, **module_kwargs
+        )
 
     @torch.no_grad()
     def get_reconstruction(self, adata: ad.AnnData | None = None, batch_size: int = 1024) -> torch.Tensor:

@@ -50,7 +50,9 @@ class AutoZIModule(SCVIModule):
         minimal_dropout: float = 0.01,
         **scvi_kwargs,
     ) -> None:
-        super().__init__(n_input, gene_likelihood="zinb", **scvi_kwargs)
+        if scvi_kwargs.setdefault("gene_likelihood", "zinb") != "zinb":
+            raise ValueError("AutoZI mixes NB and ZINB per gene: gene_likelihood must be 'zinb'.")
+        super().__init__(n_input, **scvi_kwargs)
         if zero_inflation not in ("gene", "gene-batch", "gene-label"):
             raise ValueError(f"zero_inflation must be 'gene', 'gene-batch' or 'gene-label', got {zero_inflation!r}")
         for name, value in (("alpha_prior", alpha_prior), ("beta_prior", beta_prior)):
@@ -142,10 +144,12 @@ class AUTOZI(SCVI):
             raise ValueError("zero_inflation='gene-label' needs labels: call AUTOZI.setup_anndata(adata, labels_key=...).")
         if zero_inflation == "gene-batch" and len(_adata.get_registry(adata, "AUTOZI")["batch_categories"]) < 2:
             raise ValueError("zero_inflation='gene-batch' needs batches: call AUTOZI.setup_anndata(adata, batch_key=...).")
-        super(SCVI, self).__init__(
+        kwargs.setdefault("gene_likelihood", "zinb")  # the module rejects anything else
+        super().__init__(
             adata, n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
-            dispersion=dispersion, zero_inflation=zero_inflation, alpha_prior=alpha_prior, beta_prior=beta_prior,
-            minimal_dropout=minimal_dropout, use_observed_lib_size=use_observed_lib_size, **kwargs,
+            dispersion=dispersion, use_observed_lib_size=use_observed_lib_size,
+            zero_inflation=zero_inflation, alpha_prior=alpha_prior, beta_prior=beta_prior,
+            minimal_dropout=minimal_dropout, **kwargs,
         )
 
     @torch.no_grad()

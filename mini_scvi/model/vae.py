@@ -64,9 +64,7 @@ class VAE(AE):
         dropout_rate: float = 0.1,
         obs_var: float = 1.0,
     ) -> None:
-        super(AE, self).__init__(
-            adata, n_latent=n_latent, hidden_sizes=tuple(hidden_sizes), dropout_rate=dropout_rate, obs_var=obs_var
-        )
+        super().__init__(adata, n_latent, hidden_sizes, dropout_rate, obs_var=obs_var)
 
     @torch.no_grad()
     def sample(self, n_cells: int, add_noise: bool = False) -> np.ndarray:
