@@ -57,7 +57,7 @@ def _epoch_sums(module: BaseModule, data: TensorData, indices: np.ndarray, batch
             raise FloatingPointError(
                 f"The loss became {out.loss.item()} at epoch {epoch}, step {step}. Usual causes: input that "
                 "is not raw counts, or a learning rate that is too high for this model; try "
-                "plan_kwargs={'lr': <smaller>}. The parameters from before this step are kept."
+                "plan_kwargs={'lr': <smaller>}."
             )
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
@@ -100,12 +100,20 @@ def train_module(
     bar = tqdm(range(max_epochs), desc="Training", disable=not progress_bar, unit="epoch")
     for epoch in bar:
         kl_weight = kl_weight_at(epoch, n_epochs_kl_warmup)
-        module.train()
-        splits = {"train": _epoch_sums(module, data, train_idx, batch_size, kl_weight, n_obs, optimizer, epoch)}
-        if len(val_idx):
+        # weights and BatchNorm statistics as they were after the last finite epoch: a NaN can
+        # reach them one step before the loss shows it, so restore the whole state on failure
+        last_good = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        try:
+            module.train()
+            splits = {"train": _epoch_sums(module, data, train_idx, batch_size, kl_weight, n_obs, optimizer, epoch)}
+            if len(val_idx):
+                module.eval()
+                with torch.no_grad():
+                    splits["validation"] = _epoch_sums(module, data, val_idx, batch_size, kl_weight, n_obs, None, epoch)
+        except FloatingPointError as err:
+            module.load_state_dict(last_good)
             module.eval()
-            with torch.no_grad():
-                splits["validation"] = _epoch_sums(module, data, val_idx, batch_size, kl_weight, n_obs, None, epoch)
+            raise FloatingPointError(f"{err} The model was restored to its state at the start of epoch {epoch}.") from None
         for split, s in splits.items():
             n = s["n"]
             rec, kl_l, kl_g = s["reconstruction_loss"] / n, s["kl_local"] / n, s["kl_global"]
