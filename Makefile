@@ -14,7 +14,7 @@ help:
 	@echo "make book          build the Jupyter Book (executes every chapter on CPU) into _build/html"
 	@echo "make test          unit tests + nbval over every chapter and exercise notebook"
 	@echo "make student       write student versions of the exercises (no solutions) into student/"
-	@echo "make book-student  build the book with no solutions into _build/student/html"
+	@echo "make book-student  build the book with no solutions into _build/student/_build/html"
 	@echo "make check-site    open every built page in headless Chromium and check math, figures, search"
 	@echo "make bench         run the benchmarks against scvi-tools (own venv: .venv-bench)"
 	@echo "make clean         remove .venv, _build and caches"

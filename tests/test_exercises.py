@@ -1,0 +1,594 @@
+"""Tests of the exercise system (exercises/): checkers, student versions, grading, notebooks.
+
+* every checker accepts a correct implementation and rejects plausible wrong ones;
+* ``make_student.py`` removes every solution and hidden test, and clears outputs;
+* an untouched student notebook fails exactly at the exercise check cells, with NotImplementedError;
+* the instructor notebooks pass every check when executed;
+* ``make_student.py --grade`` puts a student's answers into the instructor notebook and reports them;
+* ``make_student.py --book`` writes book sources with no solutions.
+
+The notebook tests execute notebooks with nbclient (a few seconds to half a minute each).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+EX = ROOT / "exercises"
+NOTEBOOKS = ["ex02_autoencoders.ipynb", "ex03_vae.ipynb", "ex04_count_likelihoods.ipynb"]
+MARKERS = ["### BEGIN SOLUTION", "### END SOLUTION", "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+checks = _load("checks", EX / "checks.py")
+make_student = _load("make_student", EX / "make_student.py")
+
+
+# --------------------------------------------------------------------------- correct implementations
+
+
+def log_normalize(x, target_sum=1e4):
+    return torch.log1p(x / x.sum(dim=-1, keepdim=True) * target_sum)
+
+
+def _mlp(h, layers, act=torch.relu, last=None):
+    for i, layer in enumerate(layers):
+        h = layer(h)
+        if i < len(layers) - 1:
+            h = act(h)
+        elif last is not None:
+            h = last(h)
+    return h
+
+
+def ae_forward(x_log, encoder_layers, decoder_layers):
+    z = _mlp(x_log, encoder_layers)
+    return z, _mlp(z, decoder_layers)
+
+
+def reconstruction_loss(x_log, x_hat):
+    return ((x_log - x_hat) ** 2).sum(dim=-1)
+
+
+def pca_reconstruction(x, k):
+    mean = x.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    v = vh[:k].T
+    return (x - mean) @ v @ v.T + mean
+
+
+def reparameterize(mu, var):
+    return mu + var.sqrt() * torch.randn_like(mu)
+
+
+def kl_standard_normal(mu, var):
+    return 0.5 * (mu**2 + var - 1.0 - torch.log(var)).sum(dim=-1)
+
+
+def vae_loss(x_log, x_hat, qz_m, qz_v, obs_var=1.0, kl_weight=1.0):
+    rec = 0.5 * ((x_log - x_hat) ** 2 / obs_var + math.log(2 * math.pi * obs_var)).sum(-1)
+    return (rec + kl_weight * kl_standard_normal(qz_m, qz_v)).mean()
+
+
+def log_poisson(x, mu):
+    return x * torch.log(mu) - mu - torch.lgamma(x + 1)
+
+
+def log_nb(x, mu, theta):
+    return (
+        (torch.lgamma(x + theta) - torch.lgamma(theta))  # difference of two large numbers first
+        - theta * torch.log1p(mu / theta)
+        + x * (torch.log(mu) - torch.log(theta + mu))
+        - torch.lgamma(x + 1)
+    )
+
+
+def log_zinb(x, mu, theta, zi_logits):
+    log_nb0 = -theta * torch.log1p(mu / theta)
+    zero = F.softplus(log_nb0 - zi_logits) - F.softplus(-zi_logits)
+    nonzero = -F.softplus(zi_logits) + log_nb(x, mu, theta)
+    return torch.where(x == 0, zero, nonzero)
+
+
+def sample_nb(mu, theta, n_samples):
+    rate = torch.distributions.Gamma(theta, theta / mu).sample((n_samples,))
+    return torch.poisson(rate)
+
+
+# --------------------------------------------------------------------------- plausible wrong ones
+
+
+def _naive_nb(x, mu, theta):  # theta * log(theta / (theta + mu)): cancels in float32 when theta >> mu
+    return (
+        (torch.lgamma(x + theta) - torch.lgamma(theta))
+        + theta * (torch.log(theta) - torch.log(theta + mu))
+        + x * (torch.log(mu) - torch.log(theta + mu))
+        - torch.lgamma(x + 1)
+    )
+
+
+def _nb_small_plus_large(x, mu, theta):  # log1p form, but the small log p(0) is added to lgamma(theta) ~ 1e6
+    return (
+        -theta * torch.log1p(mu / theta)
+        + x * (torch.log(mu) - torch.log(theta + mu))
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1)
+    )
+
+
+def _naive_zinb(x, mu, theta, zi_logits):  # log of sigmoid probabilities: -inf at large |logits|
+    pi = torch.sigmoid(zi_logits)
+    nb = log_nb(x, mu, theta)
+    return torch.where(x == 0, torch.log(pi + (1 - pi) * torch.exp(nb)), torch.log(1 - pi) + nb)
+
+
+def _reparam_shared_noise(mu, var):
+    return mu + var.sqrt() * torch.randn(mu.shape[-1])
+
+
+def _reparam_fixed_seed(mu, var):
+    g = torch.Generator().manual_seed(0)
+    return mu + var.sqrt() * torch.randn(mu.shape, generator=g, dtype=mu.dtype)
+
+
+WRONG = {
+    "check_log_normalize": [
+        lambda x, target_sum=1e4: torch.log(x / x.sum(-1, keepdim=True) * target_sum),  # log, not log1p
+        lambda x, target_sum=1e4: torch.log1p(x / x.sum(0, keepdim=True) * target_sum),  # per gene
+        lambda x, target_sum=1e4: torch.log1p(x / x.sum(-1, keepdim=True)),  # target_sum forgotten
+        lambda x, target_sum=1e4: torch.log1p(x * target_sum / 1e4),  # no per-cell scaling
+    ],
+    "check_ae_forward": [
+        lambda x, e, d: (_mlp(x, e, last=torch.relu), _mlp(_mlp(x, e, last=torch.relu), d)),  # ReLU on z
+        lambda x, e, d: (_mlp(x, e), _mlp(_mlp(x, e), d, last=torch.relu)),  # ReLU on x_hat
+        lambda x, e, d: (_mlp(x, e, act=lambda t: t), _mlp(_mlp(x, e, act=lambda t: t), d, act=lambda t: t)),
+        lambda x, e, d: (_mlp(x, e, act=torch.sigmoid), _mlp(_mlp(x, e, act=torch.sigmoid), d, act=torch.sigmoid)),
+        lambda x, e, d: (_mlp(x, e), _mlp(_mlp(x, e), d[::-1])) if len(d) == 1 else (_mlp(x, e), None),
+        lambda x, e, d: tuple(t.detach() for t in ae_forward(x, e, d)),  # cuts the graph
+    ],
+    "check_reconstruction_loss": [
+        lambda a, b: ((a - b) ** 2).mean(-1),  # averaged over genes
+        lambda a, b: ((a - b) ** 2).sum(),  # a scalar
+        lambda a, b: (a - b).abs().sum(-1),  # absolute error
+        lambda a, b: ((a - b) ** 2).sum(0),  # summed over cells
+        lambda a, b: (a - b).sum(-1) ** 2,  # square of the sum
+    ],
+    "check_pca_reconstruction": [
+        lambda x, k: (lambda v: x @ v @ v.T)(torch.linalg.svd(x, full_matrices=False)[2][:k].T),  # no centring
+        lambda x, k: (lambda m: (lambda v: (x - m) @ v @ v.T)(torch.linalg.svd(x - m, full_matrices=False)[2][:k].T))(
+            x.mean(0)),  # mean not added back
+        lambda x, k: (lambda m: (lambda v: (x - m) @ v @ v.T + m)(torch.linalg.svd(x - m, full_matrices=False)[2][-k:].T))(
+            x.mean(0)),  # smallest components
+    ],
+    "check_reparameterize": [
+        lambda mu, var: mu + var * torch.randn_like(mu),  # var instead of std
+        lambda mu, var: torch.normal(mu.detach(), var.detach().sqrt()),  # no gradient
+        lambda mu, var: torch.distributions.Normal(mu, var.sqrt()).sample(),  # .sample(), not .rsample()
+        lambda mu, var: mu + torch.exp(var) * torch.randn_like(mu),  # var read as log-variance
+        _reparam_shared_noise,
+        _reparam_fixed_seed,
+    ],
+    "check_kl_standard_normal": [
+        lambda mu, var: -kl_standard_normal(mu, var),  # wrong sign
+        lambda mu, var: 0.5 * (mu**2 + var - torch.log(var)).sum(-1),  # missing -1
+        lambda mu, var: 0.5 * (mu**2 + var - 1 - 0.5 * torch.log(var)).sum(-1),  # log sigma, not log var
+        lambda mu, var: 0.5 * (mu**2 + var - 1 - torch.log(var)),  # not summed
+        lambda mu, var: 0.5 * (mu**2 + var - 1 - torch.log(var)).mean(-1),  # averaged
+        lambda mu, var: (mu**2 + var - 1 - torch.log(var)).sum(-1),  # missing 1/2
+    ],
+    "check_vae_loss": [
+        lambda a, b, m, v, obs_var=1.0, kl_weight=1.0: (  # no log(2 pi obs_var)
+            0.5 * ((a - b) ** 2 / obs_var).sum(-1) + kl_weight * kl_standard_normal(m, v)).mean(),
+        lambda a, b, m, v, obs_var=1.0, kl_weight=1.0: (  # KL subtracted
+            0.5 * ((a - b) ** 2 / obs_var + math.log(2 * math.pi * obs_var)).sum(-1)
+            - kl_weight * kl_standard_normal(m, v)).mean(),
+        lambda a, b, m, v, obs_var=1.0, kl_weight=1.0: (  # summed over cells
+            0.5 * ((a - b) ** 2 / obs_var + math.log(2 * math.pi * obs_var)).sum(-1)
+            + kl_weight * kl_standard_normal(m, v)).sum(),
+        lambda a, b, m, v, obs_var=1.0, kl_weight=1.0: (  # obs_var ignored
+            0.5 * ((a - b) ** 2 + math.log(2 * math.pi)).sum(-1) + kl_weight * kl_standard_normal(m, v)).mean(),
+        lambda a, b, m, v, obs_var=1.0, kl_weight=1.0: (  # kl_weight on the wrong term
+            kl_weight * 0.5 * ((a - b) ** 2 / obs_var + math.log(2 * math.pi * obs_var)).sum(-1)
+            + kl_standard_normal(m, v)).mean(),
+    ],
+    "check_log_poisson": [
+        lambda x, mu: x * torch.log(mu) - mu,  # no log(x!)
+        lambda x, mu: x * torch.log(mu) - mu - torch.lgamma(x),  # lgamma(x), not lgamma(x + 1)
+        lambda x, mu: x * torch.log(mu) + mu - torch.lgamma(x + 1),  # sign of mu
+    ],
+    "check_log_nb": [
+        lambda x, mu, theta: log_nb(x, mu, theta) + torch.lgamma(x + 1),  # no log(x!)
+        lambda x, mu, theta: log_nb(x, theta, mu),  # mu and theta swapped
+        _naive_nb,  # unstable when theta >> mu
+        _nb_small_plus_large,  # rounds away log p(0) next to lgamma(theta)
+        lambda x, mu, theta: log_nb(x, mu, 1.0 / theta),  # theta read as the dispersion
+        lambda x, mu, theta: log_nb(x, mu, theta) + torch.lgamma(theta) - torch.lgamma(x + theta),  # no Gammas
+    ],
+    "check_log_zinb": [
+        lambda x, mu, theta, l: -F.softplus(l) + log_nb(x, mu, theta),  # no extra zeros at x = 0
+        lambda x, mu, theta, l: log_zinb(x, mu, theta, -l),  # pi and 1 - pi swapped
+        _naive_zinb,  # log of sigmoid: -inf at extreme logits
+        lambda x, mu, theta, l: torch.where(x == 0, -F.softplus(-l), -F.softplus(l) + log_nb(x, mu, theta)),
+    ],
+    "check_sample_nb": [
+        lambda mu, theta, n: torch.poisson(mu.expand(n, *mu.shape)),  # Poisson: no overdispersion
+        lambda mu, theta, n: torch.poisson(torch.distributions.Gamma(theta, mu / theta).sample((n,))),  # scale as rate
+        lambda mu, theta, n: torch.poisson(torch.distributions.Gamma(theta, 1 / mu).sample((n,))),  # rate 1/mu
+        lambda mu, theta, n: torch.poisson(torch.distributions.Gamma(mu, mu / theta).sample((n,))),  # swapped
+        lambda mu, theta, n: torch.distributions.Gamma(theta, theta / mu).sample((n,)),  # no Poisson: not counts
+        lambda mu, theta, n: torch.normal(mu.expand(n, *mu.shape), (mu + mu**2 / theta).sqrt().expand(n, *mu.shape))
+        .round()
+        .clamp_min(0),  # a rounded normal with the right mean and variance
+    ],
+}
+
+CORRECT = {
+    "check_log_normalize": log_normalize,
+    "check_ae_forward": ae_forward,
+    "check_reconstruction_loss": reconstruction_loss,
+    "check_pca_reconstruction": pca_reconstruction,
+    "check_reparameterize": reparameterize,
+    "check_kl_standard_normal": kl_standard_normal,
+    "check_vae_loss": vae_loss,
+    "check_log_poisson": log_poisson,
+    "check_log_nb": log_nb,
+    "check_log_zinb": log_zinb,
+    "check_sample_nb": sample_nb,
+}
+
+# other correct ways of writing the same thing: a checker must not insist on one order of operations
+Normal = torch.distributions.Normal
+ALTERNATIVES = {
+    "check_log_normalize": [lambda x, target_sum=1e4: torch.log1p(x * (target_sum / x.sum(1, keepdim=True)))],
+    "check_ae_forward": [
+        lambda x, e, d: (lambda z: (z, _mlp(z, d, act=F.relu)))(_mlp(x, e, act=F.relu)),
+    ],
+    "check_reconstruction_loss": [lambda a, b: F.mse_loss(b, a, reduction="none").sum(1)],
+    "check_pca_reconstruction": [
+        lambda x, k: (lambda m, usv: (usv[0][:, :k] * usv[1][:k]) @ usv[2][:k] + m)(
+            x.mean(0), torch.linalg.svd(x - x.mean(0), full_matrices=True)),
+    ],
+    "check_reparameterize": [
+        lambda mu, var: Normal(mu, var.sqrt()).rsample(),
+        lambda mu, var: torch.randn_like(var) * torch.exp(0.5 * torch.log(var)) + mu,
+    ],
+    "check_kl_standard_normal": [
+        lambda mu, var: torch.distributions.kl_divergence(Normal(mu, var.sqrt()), Normal(0.0, 1.0)).sum(-1),
+    ],
+    "check_vae_loss": [
+        lambda a, b, m, v, obs_var=1.0, kl_weight=1.0: (
+            -Normal(b, math.sqrt(obs_var)).log_prob(a).sum(-1)
+            + kl_weight * torch.distributions.kl_divergence(Normal(m, v.sqrt()), Normal(0.0, 1.0)).sum(-1)
+        ).mean(),
+    ],
+    "check_log_poisson": [
+        lambda x, mu: torch.distributions.Poisson(mu).log_prob(x),
+        lambda x, mu: -torch.lgamma(x + 1) - mu + x * torch.log(mu),
+    ],
+    "check_log_nb": [
+        lambda x, mu, theta: (
+            -theta * torch.log1p(mu / theta)
+            + x * torch.log(mu)
+            - x * torch.log(theta + mu)
+            - torch.lgamma(x + 1)
+            + (torch.lgamma(x + theta) - torch.lgamma(theta))
+        ),
+    ],
+    "check_log_zinb": [
+        lambda x, mu, theta, l: torch.where(
+            x > 0.5,
+            -F.softplus(-l) - l + log_nb(x, mu, theta),
+            F.softplus(-theta * torch.log1p(mu / theta) - l) - F.softplus(-l),
+        ),
+    ],
+    "check_sample_nb": [
+        lambda mu, theta, n: torch.distributions.NegativeBinomial(theta, probs=mu / (theta + mu)).sample((n,)),
+    ],
+}
+
+# the package's own functions, where their signature fits, must pass too
+PACKAGE = {
+    "check_log_normalize": "mini_scvi.model.ae.log_normalize",
+    "check_reparameterize": "mini_scvi.nn.reparameterize",
+    "check_log_poisson": "mini_scvi.distributions.poisson_log_prob",
+    "check_log_nb": "mini_scvi.distributions.nb_log_prob",
+    "check_log_zinb": "mini_scvi.distributions.zinb_log_prob",
+}
+
+
+# --------------------------------------------------------------------------- checker tests
+
+
+def test_every_checker_is_covered():
+    assert set(CORRECT) == set(WRONG) == set(ALTERNATIVES) == {n for n in checks.__all__ if n != "check_answer"}
+
+
+@pytest.mark.parametrize("checker", sorted(CORRECT))
+def test_checker_accepts_correct_implementation(checker, capsys):
+    getattr(checks, checker)(CORRECT[checker])
+    out = capsys.readouterr().out
+    assert out.startswith("PASS: ") and "FAIL" not in out
+
+
+@pytest.mark.parametrize(
+    "checker, index", [(c, i) for c in sorted(ALTERNATIVES) for i in range(len(ALTERNATIVES[c]))], ids=str
+)
+def test_checker_accepts_other_correct_implementations(checker, index, capsys):
+    getattr(checks, checker)(ALTERNATIVES[checker][index])
+    assert capsys.readouterr().out.startswith("PASS: ")
+
+
+@pytest.mark.parametrize("checker", sorted(PACKAGE))
+def test_checker_accepts_package_implementation(checker, capsys):
+    module, _, attr = PACKAGE[checker].rpartition(".")
+    getattr(checks, checker)(getattr(importlib.import_module(module), attr))
+    assert capsys.readouterr().out.startswith("PASS: ")
+
+
+@pytest.mark.parametrize(
+    "checker, index", [(c, i) for c in sorted(WRONG) for i in range(len(WRONG[c]))], ids=lambda v: str(v)
+)
+def test_checker_rejects_wrong_implementation(checker, index, capsys):
+    with pytest.raises(AssertionError) as err:
+        getattr(checks, checker)(WRONG[checker][index])
+    assert str(err.value).startswith("FAIL: ")
+    assert "PASS" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("checker", sorted(CORRECT))
+def test_checker_reports_unimplemented_stub(checker):
+    def stub(*args, **kwargs):
+        raise NotImplementedError()
+
+    with pytest.raises(NotImplementedError, match="not implemented yet"):
+        getattr(checks, checker)(stub)
+
+
+def test_checker_leaves_global_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    checks.check_reparameterize(reparameterize)
+    checks.check_sample_nb(sample_nb)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("question", sorted(checks._QUESTIONS))
+def test_each_question_has_exactly_one_right_answer(question, capsys):
+    options = checks._QUESTIONS[question][0]
+    right = []
+    for option in options:
+        try:
+            checks.check_answer(question, option)
+            right.append(option)
+        except AssertionError as err:
+            assert str(err).startswith("FAIL: ")
+    assert len(right) == 1
+    checks.check_answer(question, right[0].upper() + " ")  # case and spaces do not matter
+    with pytest.raises(NotImplementedError):
+        checks.check_answer(question, None)
+    for bad in ["e", "ab", 2, ""]:
+        with pytest.raises(AssertionError, match="one letter"):
+            checks.check_answer(question, bad)
+
+
+def test_answers_are_not_stored_in_plain_text():
+    text = (EX / "checks.py").read_text()
+    for question, (options, digest, _) in checks._QUESTIONS.items():
+        assert len(digest) == 64
+        assert f'"{question}": "' not in text and f"'{question}': '" not in text
+
+
+# --------------------------------------------------------------------------- student versions
+
+
+def _execute(nb, cwd: Path, allow_errors: bool):
+    from nbclient import NotebookClient
+
+    NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=allow_errors,
+                   resources={"metadata": {"path": str(cwd)}}).execute()
+    return nb
+
+
+def _regions(source: str, begin: str, end: str, inside_wanted: bool = True) -> list[str]:
+    """The lines between the markers (or, with inside_wanted=False, the lines outside them)."""
+    out, inside = [], False
+    for line in source.splitlines():
+        if begin in line:
+            inside = True
+        elif end in line:
+            inside = False
+        elif inside == inside_wanted:
+            out.append(line)
+    return out
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("student")
+    make_student.main([str(EX), str(out)])
+    return out
+
+
+def _meta(cell) -> dict:
+    return cell.metadata.get("nbgrader", {})
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_instructor_notebook_is_well_formed(name):
+    nb = nbformat.read(EX / name, as_version=4)
+    nbformat.validate(nb)
+    solutions = [c for c in nb.cells if _meta(c).get("solution")]
+    checks_ = [c for c in nb.cells if _meta(c).get("grade")]
+    assert 3 <= len(solutions) <= 6 and len(solutions) == len(checks_)
+    ids = [_meta(c)["grade_id"] for c in solutions + checks_]
+    assert len(set(ids)) == len(ids)
+    for cell in solutions:  # solutions are folded in the book and hold a solution region
+        assert "hide-input" in cell.metadata.get("tags", [])
+        assert cell.source.count("### BEGIN SOLUTION") == 1
+    for cell in checks_:  # every check cell calls a checker
+        assert "check_" in cell.source
+    for cell in nb.cells:  # markers only in nbgrader cells, so nbgrader accepts the notebook
+        if "### BEGIN SOLUTION" in cell.source:
+            assert _meta(cell).get("solution")
+        if "### BEGIN HIDDEN TESTS" in cell.source:
+            assert _meta(cell).get("grade")
+    titles = [c.source.splitlines()[0] for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("# ")]
+    assert len(titles) == 1 and nb.cells[0].source.startswith("# ")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_student_notebook_has_no_solutions(student_dir, name):
+    instructor = nbformat.read(EX / name, as_version=4)
+    student = nbformat.read(student_dir / name, as_version=4)
+    nbformat.validate(student)
+    assert [c.id for c in student.cells] == [c.id for c in instructor.cells]
+    text = "\n".join(c.source for c in student.cells)
+    for marker in MARKERS:
+        assert marker not in text
+    hidden_lines = set()
+    for cell in instructor.cells:
+        hidden_lines.update(_regions(cell.source, "### BEGIN SOLUTION", "### END SOLUTION"))
+        hidden_lines.update(_regions(cell.source, "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"))
+    outside = set()  # lines that legitimately appear outside the regions too (e.g. a closing bracket)
+    for cell in instructor.cells:
+        lines = _regions(cell.source, "### BEGIN SOLUTION", "### END SOLUTION", inside_wanted=False)
+        outside.update(ln.strip() for ln in _regions("\n".join(lines), "### BEGIN HIDDEN TESTS",
+                                                     "### END HIDDEN TESTS", inside_wanted=False))
+    student_lines = {ln.strip() for ln in text.splitlines()}
+    leaked = [ln.strip() for ln in hidden_lines if ln.strip() and ln.strip() not in outside and ln.strip() in student_lines]
+    assert not leaked, leaked
+    for s_cell, i_cell in zip(student.cells, instructor.cells):
+        if s_cell.cell_type == "code":
+            assert s_cell.outputs == [] and s_cell.execution_count is None
+            assert "NBVAL_CHECK_OUTPUT" not in s_cell.source
+        if _meta(i_cell).get("solution"):
+            assert "hide-input" not in s_cell.metadata.get("tags", [])
+            if "answer = " in i_cell.source and "def " not in i_cell.source:
+                assert s_cell.source == "answer = None  # your answer"
+            else:
+                assert s_cell.source.rstrip().endswith("raise NotImplementedError()")
+                assert '"""' in s_cell.source  # the docstring with the shapes stays
+    assert (student_dir / "checks.py").read_text() == (EX / "checks.py").read_text()
+
+
+def test_strip_source_keeps_indentation_and_rejects_bad_markers():
+    src = "def f(x):\n    '''doc'''\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION\n"
+    out, n_sol, n_hid = make_student.strip_source(src, "code")
+    assert out == "def f(x):\n    '''doc'''\n    # YOUR CODE HERE\n    raise NotImplementedError()"
+    assert (n_sol, n_hid) == (1, 0)
+    out, _, n_hid = make_student.strip_source("check(f)\n### BEGIN HIDDEN TESTS\nassert f(1) == 1\n### END HIDDEN TESTS\n", "code")
+    assert out == "check(f)" and n_hid == 1
+    assert make_student.strip_source("### BEGIN SOLUTION\nanswer = 'c'  # because\n### END SOLUTION", "code")[0] == (
+        "answer = None  # your answer")
+    for bad in ["### BEGIN SOLUTION\nx = 1\n", "x = 1\n### END SOLUTION\n",
+                "### BEGIN SOLUTION\n### BEGIN HIDDEN TESTS\n### END HIDDEN TESTS\n### END SOLUTION\n"]:
+        with pytest.raises(make_student.MarkerError):
+            make_student.strip_source(bad, "code")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_student_notebook_fails_exactly_at_the_checks(student_dir, name):
+    nb = _execute(nbformat.read(student_dir / name, as_version=4), student_dir, allow_errors=True)
+    errored = {c.id: [o for o in c.outputs if o.output_type == "error"] for c in nb.cells if c.cell_type == "code"}
+    errored = {cid: errs for cid, errs in errored.items() if errs}
+    expected = {c.id for c in nb.cells if _meta(c).get("grade")}
+    assert set(errored) == expected
+    for errs in errored.values():
+        assert errs[0].ename == "NotImplementedError"
+
+
+# --------------------------------------------------------------------------- instructor notebooks
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_instructor_notebook_passes_every_check(name):
+    nb = _execute(nbformat.read(EX / name, as_version=4), EX, allow_errors=False)
+    for cell in nb.cells:
+        if _meta(cell).get("grade"):
+            text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+            assert text.startswith("PASS: ") and "FAIL" not in text, (cell.id, text)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_instructor_notebook_is_stored_executed(name):
+    """nbval --nbval-lax compares the stored outputs of the NBVAL_CHECK_OUTPUT cells: they must exist."""
+    nb = nbformat.read(EX / name, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.execution_count is not None, cell.id
+        if _meta(cell).get("grade"):
+            assert any("PASS: " in o.get("text", "") for o in cell.outputs), cell.id
+    assert any(c.source.startswith("# NBVAL_CHECK_OUTPUT") for c in nb.cells if c.cell_type == "code")
+
+
+# --------------------------------------------------------------------------- grading and the student book
+
+
+def test_grade_reports_each_exercise(student_dir, tmp_path, capsys):
+    """A submission with only the first two answers filled in passes exactly those two checks."""
+    name = "ex04_count_likelihoods.ipynb"
+    instructor = nbformat.read(EX / name, as_version=4)
+    submission = nbformat.read(student_dir / name, as_version=4)
+    solved = [c for c in instructor.cells if _meta(c).get("solution")][:2]
+    by_id = {_meta(c)["grade_id"]: c.source for c in solved}
+    for cell in submission.cells:
+        if _meta(cell).get("grade_id") in by_id:
+            lines = by_id[_meta(cell)["grade_id"]].splitlines()
+            cell.source = "\n".join(ln for ln in lines if "### BEGIN SOLUTION" not in ln and "### END SOLUTION" not in ln)
+    submission.cells.insert(3, nbformat.v4.new_code_cell("print('a scratch cell the student added')"))
+    path = tmp_path / "submitted.ipynb"
+    nbformat.write(submission, path)
+    code = make_student.main(["--grade", str(path), str(EX / name), "--output", str(tmp_path / "graded.ipynb")])
+    report = capsys.readouterr().out
+    assert code == 1
+    results = {line.split()[0]: line.split()[1] for line in report.splitlines() if line.startswith("ex04-")}
+    assert results == {
+        "ex04-poisson-check": "PASS", "ex04-nb-check": "PASS", "ex04-zinb-check": "FAIL",
+        "ex04-sample-check": "FAIL", "ex04-zeros-check": "FAIL",
+    }
+    assert "2/5 points" in report
+    graded = nbformat.read(tmp_path / "graded.ipynb", as_version=4)
+    assert any("### BEGIN HIDDEN TESTS" in c.source for c in graded.cells)  # the hidden tests ran
+
+
+def test_book_sources_have_no_solutions(tmp_path):
+    import yaml
+
+    out = tmp_path / "student_src"
+    make_student.main(["--book", str(out)])
+    config = yaml.safe_load((out / "_config.yml").read_text())
+    assert config["sphinx"]["config"]["hide_solutions"] is True
+    assert "exercises/*" in config["execute"]["exclude_patterns"]
+    assert (out / "_toc.yml").read_text() == (ROOT / "_toc.yml").read_text()
+    assert (out / "book" / "references.bib").exists()
+    assert (out / "mini_scvi" / "model" / "ae.py").exists()  # for literalinclude
+    assert (out / "data").exists()
+    for path in (out / "exercises").glob("*.ipynb"):
+        text = path.read_text()
+        assert "### BEGIN" not in text and "### END" not in text
+    assert (out / "exercises" / "checks.py").exists()
+    make_student.main(["--book", str(out)])  # running it again replaces its own output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    with pytest.raises(SystemExit):
+        make_student.main(["--book", str(tmp_path / "other")])  # never deletes a folder it did not make
+    assert (tmp_path / "other" / "keep.txt").exists()
