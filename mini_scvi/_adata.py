@@ -84,6 +84,9 @@ def _categories(adata: ad.AnnData, key: str | None, what: str) -> list[str]:
             f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].cat.add_categories('unknown').fillna('unknown')) "
             "or drop those cells."
         )
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        # a categorical column keeps its own category order (and codes), as in scvi-tools
+        return [str(c) for c in column.cat.categories]
     return [str(c) for c in pd.Categorical(column.astype(str)).categories]
 
 

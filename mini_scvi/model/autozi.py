@@ -17,6 +17,7 @@ A gene is called zero-inflated when q(delta_g < 0.5) > 0.5, i.e. when alpha_g < 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import anndata as ad
@@ -55,6 +56,8 @@ class AutoZIModule(SCVIModule):
         super().__init__(n_input, **scvi_kwargs)
         if zero_inflation not in ("gene", "gene-batch", "gene-label"):
             raise ValueError(f"zero_inflation must be 'gene', 'gene-batch' or 'gene-label', got {zero_inflation!r}")
+        if not 0.0 < minimal_dropout < 1.0:
+            raise ValueError(f"minimal_dropout must be in (0, 1), got {minimal_dropout}")
         for name, value in (("alpha_prior", alpha_prior), ("beta_prior", beta_prior)):
             if value is not None and not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be in (0, 1) or None (empirical Bayes), got {value}")
@@ -90,9 +93,12 @@ class AutoZIModule(SCVIModule):
 
     def generative(self, z, library, batch_index, labels=None) -> dict:
         out = super().generative(z, library, batch_index, labels)
-        # the slab's zero-inflation probability is bounded below by tau
-        pi = self.minimal_dropout + (1 - self.minimal_dropout) * torch.sigmoid(out["px_dropout"])
-        out["px_dropout"] = torch.log(pi) - torch.log1p(-pi)
+        # the slab's zero-inflation probability pi = tau + (1 - tau) sigmoid(h) is bounded below by tau;
+        # its logit is computed in log space: in float32 pi rounds to exactly 1 once h > ~17, and
+        # log(1 - pi) = -inf would send NaN gradients through the ZINB branch
+        h, tau = out["px_dropout"], self.minimal_dropout
+        log_pi = torch.logaddexp(torch.full_like(h, math.log(tau)), math.log1p(-tau) + F.logsigmoid(h))
+        out["px_dropout"] = log_pi - (math.log1p(-tau) + F.logsigmoid(-h))  # log pi - log(1 - pi)
         ab = self.get_alphas_betas()
         if self.training:  # one reparameterized draw of delta per step, shared by the minibatch
             delta = torch.distributions.Beta(ab["alpha_posterior"], ab["beta_posterior"]).rsample()
