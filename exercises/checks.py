@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mini_scvi import distributions as _dist
@@ -51,6 +52,22 @@ __all__ = [
     "check_log_nb",
     "check_log_zinb",
     "check_sample_nb",
+    # exercises 5: scVI
+    "check_library_prior",
+    "check_kl_library",
+    "check_scvi_generative",
+    "check_scvi_loss",
+    "check_kl_weight_at",
+    # exercises 6: scVI downstream
+    "check_de_probabilities",
+    "check_log_marginal",
+    "check_fdr_select",
+    "check_zero_fraction_ppc",
+    # exercises 7: AutoZI
+    "check_kl_beta",
+    "check_autozi_log_likelihood",
+    "check_minimal_dropout_logits",
+    "check_zi_call",
 ]
 
 _SEED = 20240
@@ -174,6 +191,24 @@ _QUESTIONS: dict[str, tuple[str, str, str]] = {
         "4275929a87a11abf84826f0a44550d13f0b17c739f2586b533bc137082ed0feb",
         "compute P(x = 0) under each model: exp(-mu) for the Poisson, (theta / (theta + mu))**theta for the "
         "negative binomial, and compare both with the observed fraction.",
+    ),
+    "ex05-warmup": (
+        "abcd",
+        "97ff8b523c7aac37f8f014b79e42bb2a0565bd6f1af4e87559665d1e663c439d",
+        "ask what each KL pulls its posterior towards: N(0, I), which carries no information about the cell, "
+        "or a prior fitted to the observed log totals of the cell's batch?",
+    ),
+    "ex06-nb-vs-zinb": (
+        "abcd",
+        "22be3a91dd05b23a1e84e97d1b614fcd53f238df7892eddc08c0c379b4b6ca99",
+        "compare the difference between the models with the spread between seeds, and remember which model "
+        "contains the other as a special case.",
+    ),
+    "ex07-low-mean": (
+        "abcd",
+        "bba0bd8bfedb07d70e894c02324230ccd402da9044f418c039469970bbaf4e39",
+        "at a mean of 0.2, what fraction of zeros do the NB and the ZINB predict, and how different are their "
+        "likelihoods for a column of mostly zeros and a few ones?",
     ),
 }
 
@@ -725,3 +760,660 @@ def check_sample_nb(sample_nb: Callable) -> None:
     if not isinstance(x2, torch.Tensor) or tuple(x2.shape) != (3, 2, 2):
         _fail(name, "for mu and theta of shape (2, 2) and n_samples=3 the result should have shape (3, 2, 2).")
     _pass(name, f"{n} samples for {len(mu)} (mu, theta) pairs have the NB mean, variance and fraction of zeros.")
+
+
+# --------------------------------------------------------------------------- shared helpers for exercises 5-7
+
+
+def _check_array(name: str, out, shape: Sequence[int], what: str = "the result") -> np.ndarray:
+    """A NumPy result (a tensor is accepted and converted) of the given shape, as float64."""
+    if isinstance(out, torch.Tensor):
+        out = out.detach().cpu().numpy()
+    if not isinstance(out, (np.ndarray, np.generic, float, int, bool)):
+        _fail(name, f"{what} should be a NumPy array, got {type(out).__name__}.",
+              "build the result from NumPy operations on the inputs.")
+    out = np.asarray(out)
+    if out.shape != tuple(shape):
+        _fail(name, f"{what} has shape {out.shape}, expected {tuple(shape)}.",
+              "re-read the shapes in the docstring: which axis should be reduced, which kept?")
+    return out
+
+
+def _compare_np(name: str, got: np.ndarray, expected: np.ndarray, where: str, hint: str,
+                rtol: float = 1e-6, atol: float = 1e-8) -> None:
+    _compare(name, torch.as_tensor(np.asarray(got, dtype=np.float64)),
+             torch.as_tensor(np.asarray(expected, dtype=np.float64)), where, hint, rtol=rtol, atol=atol)
+
+
+def _check_pair(name: str, out, what: str = "(a, b)") -> tuple:
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        _fail(name, f"should return a tuple {what}.")
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- exercises 5: scVI
+
+
+def _ref_library_prior(counts: np.ndarray, batch: np.ndarray, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """mini_scvi's own library_log_stats, run on an AnnData built from the inputs."""
+    import anndata as ad
+    import pandas as pd
+
+    from mini_scvi import _adata
+
+    adata = ad.AnnData(X=np.asarray(counts, dtype=np.float32))
+    adata.obs["batch"] = pd.Categorical([f"b{int(b):03d}" for b in batch])
+    _adata.setup_anndata(adata, batch_key="batch")
+    registry = _adata.get_registry(adata)
+    assert registry["batch_categories"] == [f"b{b:03d}" for b in range(n_batch)]
+    return _adata.library_log_stats(adata, registry)
+
+
+@_deterministic
+def check_library_prior(library_prior: Callable) -> None:
+    """``library_prior(counts, batch, n_batch) -> (means, variances)``, each (n_batch,), against
+    ``mini_scvi._adata.library_log_stats``."""
+    name = "library_prior"
+    hint = ("for each batch b: take log(total count) of every cell of b, then their mean and their "
+            "variance (np.var, which divides by the number of cells); a batch of one cell gets variance 1, "
+            "and every variance is at least 1e-4.")
+    rs = np.random.default_rng(_SEED)
+
+    def counts_for(n, g, depth):
+        return rs.poisson(rs.gamma(0.5, 2.0, size=(n, g)) * depth).astype(np.float64) + np.eye(n, g)
+
+    cases = []
+    cases.append(("for two batches of different depth",
+                  np.vstack([counts_for(60, 30, 1.0), counts_for(40, 30, 4.0)]), np.repeat([0, 1], [60, 40]), 2))
+    x = counts_for(50, 20, 2.0)
+    cases.append(("for a single batch", x, np.zeros(50, dtype=int), 1))
+    codes = rs.integers(0, 5, size=120)
+    codes[:5] = np.arange(5)
+    cases.append(("for five interleaved batches", counts_for(120, 25, 1.5), codes, 5))
+    x = counts_for(31, 15, 2.0)
+    cases.append(("when a batch has a single cell", x, np.r_[np.zeros(30, dtype=int), 1], 2))
+    same = np.zeros((10, 8))
+    same[:, 0] = 7.0
+    same[:, 3] = 5.0  # every cell has total 12
+    cases.append(("when every cell of a batch has the same total", np.vstack([same, counts_for(10, 8, 3.0)]),
+                  np.repeat([0, 1], 10), 2))
+    cases.append(("as float32 counts", counts_for(40, 10, 5.0).astype(np.float32), np.repeat([0, 1], 20), 2))
+    for where, counts, batch, n_batch in cases:
+        orig = counts.copy()
+        out = _call(library_prior, name, counts, batch, n_batch)
+        if not np.array_equal(orig, counts):
+            _fail(name, "the function modified the counts in place.")
+        means, variances = _check_pair(name, out, "(means, variances)")
+        means = _check_array(name, means, (n_batch,), "means")
+        variances = _check_array(name, variances, (n_batch,), "variances")
+        ref_m, ref_v = _ref_library_prior(orig, batch, n_batch)
+        _compare_np(name, means, ref_m, f"in the means {where}",
+                    "the prior is on the log library: average log(total) over the cells of the batch, "
+                    "not log of the average total.", rtol=1e-5, atol=1e-5)
+        h = hint
+        if "single cell" in where:
+            h = "one cell has no spread to measure: give that batch variance 1 (a vague prior)."
+        elif "same total" in where:
+            h = "a variance of 0 would make the prior a point mass: floor every variance at 1e-4."
+        _compare_np(name, variances, ref_v, f"in the variances {where}", h, rtol=1e-4, atol=1e-6)
+    _pass(name, f"matches mini_scvi's library_log_stats on {len(cases)} data sets (1 to 5 batches, a one-cell "
+          "batch, equal totals, float32).")
+
+
+@_deterministic
+def check_kl_library(kl_library: Callable) -> None:
+    """``kl_library(ql_m, ql_v, batch_index, prior_means, prior_vars) -> (n_cells,)``, against
+    ``SCVIModule.kl_library`` (and ``kl_normal`` in float64)."""
+    from mini_scvi.model.scvi import SCVIModule
+
+    name = "kl_library"
+    hint = ("pick each cell's prior with prior_means[batch_index] and prior_vars[batch_index]; then "
+            "KL(N(m, v) || N(m_b, v_b)) = 1/2 [log(v_b / v) + (v + (m - m_b)^2) / v_b - 1], summed over the "
+            "last axis (of size 1).")
+    g = _rng()
+    n_batch = 3
+    prior_m = torch.tensor([6.5, 8.0, 7.2])
+    prior_v = torch.tensor([0.2, 0.05, 1.3])
+    module = SCVIModule(n_input=5, n_batch=n_batch, use_observed_lib_size=False, library_log_means=prior_m.numpy(),
+                        library_log_vars=prior_v.numpy())
+    n = 40
+    cases = [
+        ("on random inputs with 3 batches", torch.randn(n, 1, generator=g) + 7, torch.rand(n, 1, generator=g) * 0.5 + 0.01,
+         torch.randint(0, n_batch, (n,), generator=g), prior_m, prior_v),
+        ("when q equals the cell's prior", prior_m[[0, 1, 2, 1]].unsqueeze(-1), prior_v[[0, 1, 2, 1]].unsqueeze(-1),
+         torch.tensor([0, 1, 2, 1]), prior_m, prior_v),
+        ("for a very narrow q (variance 1e-6)", torch.full((6, 1), 7.0), torch.full((6, 1), 1e-6),
+         torch.tensor([0, 1, 2, 0, 1, 2]), prior_m, prior_v),
+        ("for a single batch", torch.randn(10, 1, generator=g) + 7, torch.rand(10, 1, generator=g) + 0.1,
+         torch.zeros(10, dtype=torch.long), prior_m[:1], prior_v[:1]),
+    ]
+    d = torch.float64
+    cases.append(("in float64", cases[0][1].to(d), cases[0][2].to(d), cases[0][3], prior_m.to(d), prior_v.to(d)))
+    for where, m, v, b, pm, pv in cases:
+        orig = _clone(m, v, b, pm, pv)
+        out = _call(kl_library, name, m, v, b, pm, pv)
+        _check_unchanged(name, orig, [m, v, b, pm, pv])
+        _check_tensor(name, out, (m.shape[0],), m.dtype)
+        if m.dtype == torch.float32 and len(pm) == n_batch:
+            expected = module.kl_library({"qz_m": torch.zeros(m.shape[0], 2), "ql_m": orig[0], "ql_v": orig[1]}, orig[2])
+        else:
+            expected = _dist.kl_normal(orig[0], orig[1], orig[3][orig[2]].unsqueeze(-1),
+                                       orig[4][orig[2]].unsqueeze(-1)).sum(-1)
+        h = hint
+        if "equals" in where:
+            h = "KL(q || p) must vanish when q = p: is each cell compared with its own batch's prior?"
+        _compare(name, out, expected, where, h, rtol=1e-5, atol=1e-5)
+    _pass(name, f"matches SCVIModule.kl_library on {len(cases)} inputs (3 batches, q = prior, narrow q, "
+          "one batch, float64).")
+
+
+@_deterministic
+def check_scvi_generative(scvi_generative: Callable) -> None:
+    """``scvi_generative(scale_logits, px_r, library) -> (rho, mu, theta)``, against
+    ``SCVIModule.generative`` on a real (untrained) module."""
+    from mini_scvi.model.scvi import SCVIModule
+
+    name = "scvi_generative"
+    cases = []
+    module = SCVIModule(n_input=30, n_batch=2, n_hidden=16, n_latent=3).eval()
+    z = torch.randn(12, 3)
+    batch = torch.randint(0, 2, (12,))
+    library = torch.log(torch.randint(200, 5000, (12, 1)).float())
+    with torch.no_grad():
+        h = module.decoder.px_decoder(z, batch)
+        logits = module.decoder.px_scale_decoder(h)
+        ref = module.generative(z, library, batch)
+    cases.append(("on the decoder outputs of a real SCVIModule", logits, module.px_r.detach().clone(), library,
+                  (ref["px_scale"], ref["px_rate"], ref["px_r"])))
+
+    def manual(lg, pr, lib):
+        rho = torch.softmax(lg.double(), -1)
+        return rho, torch.exp(lib.double()) * rho, torch.exp(pr.double())
+
+    g = _rng()
+    big = torch.randn(8, 20, generator=g) * 40  # logits of +-100: exp overflows float32
+    cases.append(("for large decoder logits (up to +-100, float32)", big, torch.randn(20, generator=g),
+                  torch.full((8, 1), 8.0), None))
+    cases.append(("for a library of 1 (log library 0)", torch.randn(5, 7, generator=g), torch.zeros(7),
+                  torch.zeros(5, 1), None))
+    cases.append(("in float64", torch.randn(4, 9, generator=g, dtype=torch.float64),
+                  torch.randn(9, generator=g, dtype=torch.float64),
+                  torch.rand(4, 1, generator=g, dtype=torch.float64) * 3 + 5, None))
+    for where, lg, pr, lib, expected in cases:
+        orig = _clone(lg, pr, lib)
+        out = _call(scvi_generative, name, lg, pr, lib)
+        _check_unchanged(name, orig, [lg, pr, lib])
+        if not isinstance(out, (tuple, list)) or len(out) != 3:
+            _fail(name, "should return a tuple (rho, mu, theta).")
+        rho, mu, theta = out
+        _check_tensor(name, rho, lg.shape, lg.dtype, "rho")
+        _check_tensor(name, mu, lg.shape, lg.dtype, "mu")
+        _check_tensor(name, theta, pr.shape, pr.dtype, "theta")
+        if expected is None:
+            expected = manual(*orig)
+        if torch.isnan(rho.detach()).any():
+            _fail(name, f"rho contains nan {where}.",
+                  "exp(logits) overflows for large logits: use torch.softmax, which subtracts the maximum first.")
+        if not torch.allclose(rho.detach().double().sum(-1), torch.ones(lg.shape[0], dtype=torch.float64), atol=1e-4):
+            _fail(name, f"the rows of rho do not sum to 1 {where}.",
+                  "rho is a vector of expression frequencies per cell: softmax over genes, the last axis.")
+        _compare(name, rho, expected[0], f"in rho {where}", "rho = softmax(scale_logits) over genes.",
+                 rtol=1e-4, atol=1e-7)
+        _compare(name, mu, expected[1], f"in mu {where}",
+                 "library holds the LOG library size: mu = exp(library) * rho, with library of shape "
+                 "(n_cells, 1) broadcast over genes.", rtol=1e-4, atol=1e-6)
+        _compare(name, theta, expected[2], f"in theta {where}",
+                 "px_r is log theta (a free parameter, so that theta stays positive): theta = exp(px_r).",
+                 rtol=1e-5, atol=1e-7)
+    _pass(name, f"matches SCVIModule.generative on {len(cases)} inputs (a real decoder, huge logits, "
+          "library 1, float64).")
+
+
+@_deterministic
+def check_scvi_loss(scvi_loss: Callable) -> None:
+    """``scvi_loss(x, mu, theta, zi_logits, qz_m, qz_v, kl_l, kl_weight) -> (n_cells,)``, the per-cell
+    loss whose mean is ``SCVIModule.loss(...).loss``, on real (untrained) modules."""
+    from mini_scvi.model.scvi import SCVIModule
+
+    name = "scvi_loss"
+    n, g_ = 16, 30
+    rate = torch.distributions.Gamma(0.5, 0.1).sample((n, g_))
+    x = torch.poisson(rate)
+    x[:, 0] += 1
+    batch = torch.arange(n) % 2
+    tensors = {"X": x, "batch": batch, "labels": torch.zeros(n, dtype=torch.long),
+               "log_x_factorial": torch.lgamma(x + 1).sum(-1)}
+    lib = torch.log(x.sum(-1))
+    means = np.array([lib[batch == 0].mean().item(), lib[batch == 1].mean().item()], dtype=np.float32)
+    modules = [
+        ("latent library", SCVIModule(n_input=g_, n_batch=2, n_hidden=16, n_latent=3, use_observed_lib_size=False,
+                                      library_log_means=means, library_log_vars=np.array([0.3, 0.5], dtype=np.float32))),
+        ("observed library", SCVIModule(n_input=g_, n_batch=2, n_hidden=16, n_latent=3)),
+    ]
+    n_checked = 0
+    for label, module in modules:
+        module.eval()
+        with torch.no_grad():
+            inf = module.inference(x, batch)
+            gen = module.generative(inf["z"], inf["library"], batch)
+            kl_l = module.kl_library(inf, batch)
+        for kl_weight in (0.0, 1.0, 0.3):
+            where = f"with the {label}, kl_weight={kl_weight}"
+            with torch.no_grad():
+                ref = module.loss(tensors, inf, gen, kl_weight=kl_weight)
+            expected = ref.reconstruction_loss + kl_weight * (ref.kl_local - kl_l) + kl_l
+            args = [x, gen["px_rate"], gen["px_r"], gen["px_dropout"], inf["qz_m"], inf["qz_v"], kl_l]
+            orig = _clone(*args)
+            out = _call(scvi_loss, name, *args, kl_weight)
+            _check_unchanged(name, orig, args)
+            _check_tensor(name, out, (n,), x.dtype, "the loss per cell")
+            if kl_weight == 0.0 and label == "observed library":
+                hint = ("with kl_weight=0 and an observed library only the reconstruction is left: "
+                        "-log ZINB(x; mu, theta, zi_logits), constant log x! included, summed over genes.")
+            elif kl_weight == 0.0:
+                hint = ("the reconstruction passed with the observed library; with kl_weight=0, KL_l still "
+                        "counts in full: the warm-up weighs only the KL of z.")
+            else:
+                hint = ("kl_weight multiplies KL(q(z | x) || N(0, I)) (summed over latent dimensions) and nothing "
+                        "else: loss = -log p(x | z, l) + kl_weight * KL_z + KL_l.")
+            _compare(name, out, expected, where, hint, rtol=1e-5, atol=1e-3)
+            if not torch.allclose(out.detach().mean(), ref.loss, rtol=1e-5, atol=1e-3):
+                _fail(name, f"the mean over cells is not SCVIModule.loss {where}.", hint)
+            n_checked += 1
+    _pass(name, f"matches SCVIModule.loss cell by cell on {n_checked} cases (latent and observed library, "
+          "kl_weight 0, 0.3, 1).")
+
+
+@_deterministic
+def check_kl_weight_at(kl_weight_at: Callable) -> None:
+    """``kl_weight_at(epoch, n_epochs_kl_warmup) -> float``, against ``mini_scvi.train.kl_weight_at``."""
+    from mini_scvi.train import kl_weight_at as ref
+
+    name = "kl_weight_at"
+    n_checked = 0
+    for n_warm in (None, 0, 1, 4, 10, 400):
+        epochs = list(range(0, (n_warm or 3) + 4)) + [10_000]
+        for epoch in epochs:
+            out = _call(kl_weight_at, name, epoch, n_warm)
+            try:
+                value = float(out)
+            except (TypeError, ValueError):
+                _fail(name, f"should return a number, got {type(out).__name__}.")
+            expected = ref(epoch, n_warm)
+            if not math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-12):
+                if n_warm is None or n_warm == 0:
+                    hint = "no warm-up (None or 0) means the full KL from the first epoch: weight 1."
+                elif epoch >= n_warm:
+                    hint = "after the warm-up the weight stays at 1: clip it."
+                else:
+                    hint = "the weight grows linearly from 0 at epoch 0 to 1 at epoch n_epochs_kl_warmup."
+                _fail(name, f"wrong weight at epoch {epoch} with n_epochs_kl_warmup={n_warm}.", hint)
+            n_checked += 1
+    _pass(name, f"matches mini_scvi.train.kl_weight_at at {n_checked} (epoch, warm-up) pairs, "
+          "no warm-up included.")
+
+
+# --------------------------------------------------------------------------- exercises 6: scVI downstream
+
+DE_EPS = 1e-8  # as in SCVI.differential_expression
+
+
+def _ref_de(rho1: np.ndarray, rho2: np.ndarray, mode: str, delta: float, pseudocount: float):
+    """The formulas of SCVI.differential_expression (mini_scvi/model/scvi.py), restated."""
+    if mode == "vanilla":
+        p = (rho1 > rho2).mean(0)
+    else:
+        lfc = np.log2(rho1 + pseudocount) - np.log2(rho2 + pseudocount)
+        p = (np.abs(lfc) >= delta).mean(0)
+    return p, np.log(p + DE_EPS) - np.log(1 - p + DE_EPS)
+
+
+@_deterministic
+def check_de_probabilities(de_probabilities: Callable) -> None:
+    """``de_probabilities(rho1, rho2, mode, delta, pseudocount) -> (proba, bayes_factor)``, against the
+    formulas of ``SCVI.differential_expression`` (vanilla and change modes)."""
+    name = "de_probabilities"
+    rs = np.random.default_rng(_SEED)
+    S, G = 500, 12
+    base = rs.dirichlet(np.ones(G), size=1)[0]
+    shift = np.exp(rs.normal(0, 0.6, size=G))
+    rho1 = base * np.exp(rs.normal(0, 0.3, size=(S, G))) * shift
+    rho2 = base * np.exp(rs.normal(0, 0.3, size=(S, G)))
+    cases = [
+        ("vanilla, on random samples", rho1, rho2, "vanilla", 0.25, 1e-4),
+        ("vanilla, when rho1 > rho2 in every sample (or in none)", np.c_[rho1[:, :3] + 1, rho1[:, 3:6]],
+         np.c_[rho1[:, :3], rho1[:, 3:6] + 1], "vanilla", 0.25, 1e-4),
+        ("vanilla, when rho1 = rho2 exactly", rho1[:, :4], rho1[:, :4].copy(), "vanilla", 0.25, 1e-4),
+        ("change, on random samples (delta 0.25)", rho1, rho2, "change", 0.25, 1e-4),
+        ("change, with delta 1", rho1, rho2, "change", 1.0, 1e-4),
+        ("change, for tiny rho (1e-6) where the pseudocount matters", rho1[:, :4] * 1e-5, rho2[:, :4] * 0.5e-5,
+         "change", 0.25, 1e-4),
+        ("change, with pseudocount 1e-2", rho1, rho2, "change", 0.5, 1e-2),
+        ("vanilla, for one posterior sample", rho1[:1], rho2[:1], "vanilla", 0.25, 1e-4),
+    ]
+    hints = {
+        "vanilla": "proba = the fraction of samples with rho1 > rho2 (strictly), one value per gene (mean over "
+                   "axis 0); bayes_factor = log(p + eps) - log(1 - p + eps) with eps = 1e-8.",
+        "change": "lfc = log2(rho1 + pseudocount) - log2(rho2 + pseudocount) per sample; proba = fraction of "
+                  "samples with |lfc| >= delta; bayes_factor = log(p + eps) - log(1 - p + eps).",
+    }
+    for where, r1, r2, mode, delta, pc in cases:
+        o1, o2 = r1.copy(), r2.copy()
+        out = _call(de_probabilities, name, r1, r2, mode=mode, delta=delta, pseudocount=pc)
+        if not (np.array_equal(o1, r1) and np.array_equal(o2, r2)):
+            _fail(name, "the function modified its inputs in place.")
+        p, bf = _check_pair(name, out, "(proba, bayes_factor)")
+        p = _check_array(name, p, (r1.shape[1],), "proba")
+        bf = _check_array(name, bf, (r1.shape[1],), "bayes_factor")
+        ref_p, ref_bf = _ref_de(o1, o2, mode, delta, pc)
+        hint = hints[mode]
+        if "pseudocount" in where:
+            hint = "add the pseudocount to rho1 and rho2 before taking log2."
+        _compare_np(name, p, ref_p, f"in proba ({where})", hint, rtol=1e-9, atol=1e-9)
+        if not np.isfinite(bf).all():
+            _fail(name, f"bayes_factor is infinite ({where}).",
+                  "when p is 0 or 1, log(p) or log(1 - p) is infinite: add eps = 1e-8 inside each log.")
+        _compare_np(name, bf, ref_bf, f"in bayes_factor ({where})", hints[mode], rtol=1e-6, atol=1e-6)
+    _pass(name, f"matches the formulas of SCVI.differential_expression on {len(cases)} inputs (vanilla and "
+          "change modes, p = 0 and 1, ties, tiny rho, other delta and pseudocount).")
+
+
+@_deterministic
+def check_log_marginal(log_marginal: Callable) -> None:
+    """``log_marginal(log_w) -> (n_cells,)``: the importance-sampling estimate logsumexp_s(log_w) - log S,
+    against a direct float64 computation; also checks that it is >= the mean log-weight."""
+    name = "log_marginal"
+    hint = ("log p(x) ~ log (1/S) sum_s exp(log_w_s) = logsumexp over the samples (axis 0) minus log S. "
+            "Use torch.logsumexp: exp(log_w) underflows for log-weights of -1000.")
+    g = _rng()
+    cases = [
+        ("on random log-weights", torch.randn(100, 8, generator=g) * 3 - 50),
+        ("for log-weights around -5000 (float32)", torch.randn(200, 5, generator=g) * 10 - 5000),
+        ("for log-weights around +500", torch.randn(50, 5, generator=g) + 500),
+        ("for a single sample (S = 1)", torch.randn(1, 6, generator=g) - 20),
+        ("for equal log-weights", torch.full((30, 4), -7.5)),
+        ("in float64", torch.randn(64, 3, generator=g, dtype=torch.float64) * 5 - 1200),
+    ]
+    for where, log_w in cases:
+        (orig,) = _clone(log_w)
+        out = _call(log_marginal, name, log_w)
+        _check_unchanged(name, [orig], [log_w])
+        _check_tensor(name, out, (log_w.shape[1],), log_w.dtype)
+        ref = torch.logsumexp(orig.double(), 0) - math.log(orig.shape[0])
+        if (out.detach().double() < orig.double().mean(0) - 1e-3).any():
+            _fail(name, f"the estimate is below the mean log-weight (the ELBO) {where}.",
+                  "by Jensen, log mean exp(w) >= mean w: average the weights, not their logs.")
+        h = hint
+        if "equal" in where or "single" in where:
+            h = "with equal weights the average of exp(w) is exp(w): do you subtract log S (not log of something else)?"
+        _compare(name, out, ref, where, h, rtol=1e-6, atol=2e-3 if log_w.dtype == torch.float32 else 1e-8)
+    _pass(name, f"matches logsumexp - log S on {len(cases)} inputs (log-weights from -5000 to +500, S = 1, "
+          "equal weights, float64), and is never below the ELBO.")
+
+
+def _ref_fdr(proba_de: np.ndarray, target: float) -> np.ndarray:
+    order = np.argsort(-proba_de, kind="stable")
+    fdr = np.cumsum(1 - proba_de[order]) / np.arange(1, len(order) + 1)
+    keep = np.zeros(len(order), dtype=bool)
+    keep[order] = fdr <= target
+    return keep
+
+
+@_deterministic
+def check_fdr_select(fdr_select: Callable) -> None:
+    """``fdr_select(proba_de, fdr_target) -> bool (n_genes,)``: the posterior-expected-FDR rule of
+    ``SCVI.differential_expression``, in the input's gene order."""
+    name = "fdr_select"
+    hint = ("sort the genes by proba_de, largest first; the expected FDR of the top k is the mean of "
+            "(1 - proba_de) over those k genes; keep the genes in the longest top list whose expected FDR is "
+            "<= fdr_target, and return the mask in the original gene order.")
+    rs = np.random.default_rng(_SEED)
+    p = rs.uniform(size=200)
+    mostly = np.r_[1 - rs.uniform(0, 0.02, size=40), rs.uniform(0.3, 0.99, size=60)]
+    rs.shuffle(mostly)
+    cases = [
+        ("on uniform proba_de, target 0.05", p, 0.05),
+        ("on uniform proba_de, target 0.2", p, 0.2),
+        ("with 40 strong genes among 100, target 0.05", mostly, 0.05),
+        ("with 40 strong genes among 100, target 0.1", mostly, 0.1),
+        ("when every proba_de is 1", np.ones(10), 0.05),
+        ("when no gene qualifies", rs.uniform(0, 0.5, size=20), 0.05),
+    ]
+    for where, pr, target in cases:
+        orig = pr.copy()
+        out = _call(fdr_select, name, pr, target)
+        if not np.array_equal(orig, pr):
+            _fail(name, "the function modified proba_de in place (e.g. with .sort()).", "sort a copy: np.argsort.")
+        out = _check_array(name, out, pr.shape, "the mask")
+        if out.dtype != bool:
+            _fail(name, f"the mask should be boolean, got dtype {out.dtype}.")
+        ref = _ref_fdr(orig, target)
+        if not np.array_equal(out, ref):
+            if out.sum() == ref.sum():
+                h = "the right number of genes, but not the right ones: return the mask in the original gene order."
+            else:
+                h = hint
+            _fail(name, f"wrong selection {where}.", h)
+    _pass(name, f"matches the posterior expected FDR rule of SCVI.differential_expression on {len(cases)} inputs.")
+
+
+@_deterministic
+def check_zero_fraction_ppc(zero_fraction_ppc: Callable) -> None:
+    """``zero_fraction_ppc(x_obs, x_rep) -> (observed, replicated, ppp)``, each (n_genes,): fraction of
+    zeros per gene in the data and (averaged) in the replicates, and the posterior predictive p-value."""
+    name = "zero_fraction_ppc"
+    rs = np.random.default_rng(_SEED)
+    n, G, S = 80, 15, 25
+    mu = np.exp(rs.normal(0, 1.2, size=G))
+    x_obs = rs.negative_binomial(1.0, 1.0 / (1.0 + mu), size=(n, G)).astype(np.float64)
+    x_obs[: n // 2, :3] = 0  # some genes with extra zeros
+    x_rep = rs.poisson(np.broadcast_to(mu[None, :, None], (n, G, S))).astype(np.float64)
+    x_rep[:, 5] = x_obs[:, 5, None]  # a gene replicated exactly: ties between observed and replicated
+    cases = [("on simulated data", x_obs, x_rep), ("for one replicate", x_obs, x_rep[..., :1]),
+             ("for one cell", x_obs[:1], x_rep[:1])]
+    for where, xo, xr in cases:
+        oo, orr = xo.copy(), xr.copy()
+        out = _call(zero_fraction_ppc, name, xo, xr)
+        if not (np.array_equal(oo, xo) and np.array_equal(orr, xr)):
+            _fail(name, "the function modified its inputs in place.")
+        if not isinstance(out, (tuple, list)) or len(out) != 3:
+            _fail(name, "should return a tuple (observed, replicated, ppp).")
+        obs, rep, ppp = (_check_array(name, o, (xo.shape[1],), w) for o, w in
+                         zip(out, ("observed", "replicated", "ppp")))
+        ref_obs = (oo == 0).mean(0)
+        rep_each = (orr == 0).mean(0)  # (G, S)
+        _compare_np(name, obs, ref_obs, f"in observed ({where})",
+                    "the fraction of cells (axis 0) in which the gene's count is exactly 0.")
+        _compare_np(name, rep, rep_each.mean(-1), f"in replicated ({where})",
+                    "the same statistic in each replicate data set x_rep[..., s], averaged over the replicates.")
+        _compare_np(name, ppp, (rep_each >= ref_obs[:, None]).mean(-1), f"in ppp ({where})",
+                    "ppp = the fraction of replicates whose zero fraction is >= the observed one (ties count).")
+    _pass(name, f"matches the zero-fraction statistic and its posterior predictive p-value on {len(cases)} inputs.")
+
+
+# --------------------------------------------------------------------------- exercises 7: AutoZI
+
+
+@_deterministic
+def check_kl_beta(kl_beta: Callable) -> None:
+    """``kl_beta(a_q, b_q, a_p, b_p)``: elementwise KL(Beta(a_q, b_q) || Beta(a_p, b_p)), against
+    ``mini_scvi.distributions.kl_beta``."""
+    name = "kl_beta"
+    hint = ("KL = log B(a_p, b_p) - log B(a_q, b_q) + (a_q - a_p)(psi(a_q) - psi(a_q + b_q)) "
+            "+ (b_q - b_p)(psi(b_q) - psi(a_q + b_q)), with log B(a, b) = lgamma(a) + lgamma(b) - lgamma(a + b) "
+            "and psi = torch.digamma. The expectations are under q.")
+    g = _rng()
+    d = torch.float64
+
+    def u(*shape, lo=0.0, hi=1.0, dtype=d):
+        return torch.rand(*shape, generator=g, dtype=dtype) * (hi - lo) + lo
+
+    half = torch.tensor([0.5], dtype=d)
+    cases = [
+        ("for parameters in (0, 1), as in AutoZI", (u(30, lo=0.01, hi=0.99), u(30, lo=0.01, hi=0.99),
+                                                    u(30, lo=0.01, hi=0.99), u(30, lo=0.01, hi=0.99))),
+        ("against the prior Beta(0.5, 0.5) broadcast over genes", (u(20, lo=0.02), u(20, lo=0.02), half, half)),
+        ("for large parameters (up to 500)", (u(10, lo=1, hi=500), u(10, lo=1, hi=500), u(10, lo=0.1, hi=5),
+                                              u(10, lo=0.1, hi=5))),
+        ("for tiny parameters (1e-3)", (torch.full((3,), 1e-3, dtype=d), torch.tensor([1e-3, 0.5, 2.0], dtype=d),
+                                        torch.full((3,), 0.5, dtype=d), torch.full((3,), 0.5, dtype=d))),
+        ("for a (n_genes, n_batch) table", (u(6, 3, lo=0.05), u(6, 3, lo=0.05), half, half)),
+    ]
+    same = u(8, lo=0.05, hi=3)
+    out = _call(kl_beta, name, same, same.flip(0), same, same.flip(0))
+    _check_tensor(name, out, (8,), d)
+    if not torch.allclose(out.detach(), torch.zeros(8, dtype=d), atol=1e-9):
+        _fail(name, "KL(q || p) is not 0 when q = p.", hint)
+    for where, args in cases:
+        orig = _clone(*args)
+        out = _call(kl_beta, name, *args)
+        _check_unchanged(name, orig, args)
+        _check_tensor(name, out, torch.broadcast_shapes(*[a.shape for a in args]), d)
+        ref = _dist.kl_beta(*orig)
+        if (out.detach() < -1e-8).any():
+            _fail(name, f"negative values {where}.", "a KL divergence is never negative: check signs and direction.")
+        _compare(name, out, ref, where, hint, rtol=1e-7, atol=1e-8)
+    a32 = [a.float() for a in cases[0][1]]
+    out = _call(kl_beta, name, *a32)
+    _check_tensor(name, out, (30,), torch.float32)
+    _compare(name, out, _dist.kl_beta(*cases[0][1]), "in float32", hint, rtol=1e-4, atol=1e-4)
+    _pass(name, f"matches mini_scvi.distributions.kl_beta on {len(cases) + 2} inputs (q = p, AutoZI's (0, 1) "
+          "range, broadcast prior, large and tiny parameters, float32).")
+
+
+@_deterministic
+def check_autozi_log_likelihood(autozi_log_likelihood: Callable) -> None:
+    """``autozi_log_likelihood(x, mu, theta, zi_logits, delta) -> (n_cells,)``, against
+    ``AutoZIModule.log_likelihood`` on a real (untrained) module's generative outputs."""
+    from mini_scvi.model.autozi import AutoZIModule
+
+    name = "autozi_log_likelihood"
+    hint = ("per gene: log[delta NB(x) + (1 - delta) ZINB(x)] = logaddexp(log delta + log NB(x), "
+            "log(1 - delta) + log ZINB(x)) (mini_scvi.distributions.nb_log_prob, zinb_log_prob); then sum over "
+            "genes. Never exponentiate log-probabilities of large counts: exp(-800) is 0.")
+    n, G = 12, 25
+    rate = torch.distributions.Gamma(0.4, 0.1).sample((n, G))
+    x = torch.poisson(rate)
+    x[:, 0] += 1
+    batch = torch.zeros(n, dtype=torch.long)
+    module = AutoZIModule(n_input=G, n_hidden=16, n_latent=3)
+    cases = []
+    for training in (False, True):
+        module.train(training)
+        with torch.no_grad():
+            inf = module.inference(x, batch)
+            gen = module.generative(inf["z"], inf["library"], batch)
+        where = "on a real AutoZIModule " + ("(training: a sampled delta)" if training else "(evaluation: mean delta)")
+        cases.append((where, (x, gen["px_rate"], gen["px_r"], gen["px_dropout"], gen["delta"])))
+    g = _rng()
+    d = torch.float64
+    mu = torch.tensor([1.0, 0.5, 2.0, 1.0], dtype=d)
+    theta = torch.tensor([10.0, 2.0, 5.0, 0.5], dtype=d)
+    logits = torch.tensor([-2.0, 0.0, 1.0, 3.0], dtype=d)
+    big_x = torch.tensor([[600.0, 0.0, 400.0, 900.0], [0.0, 0.0, 3.0, 1.0]], dtype=d)
+    cases.append(("for large counts at small means (log NB below -1000), float32",
+                  (big_x.float(), mu.float(), theta.float(), logits.float(), torch.tensor([0.3, 0.9, 0.5, 0.01]))))
+    cases.append(("for delta close to 0 and 1", (big_x[1:], mu, theta, logits,
+                                                torch.tensor([1e-6, 1 - 1e-6, 1e-6, 1 - 1e-6], dtype=d))))
+    cases.append(("for delta of shape (n_genes,), float64", (x.double()[:4, :6], torch.rand(4, 6, generator=g, dtype=d) * 5,
+                                                           torch.rand(6, generator=g, dtype=d) * 3 + 0.1,
+                                                           torch.randn(4, 6, generator=g, dtype=d),
+                                                           torch.rand(6, generator=g, dtype=d))))
+    for where, args in cases:
+        orig = _clone(*args)
+        out = _call(autozi_log_likelihood, name, *args)
+        _check_unchanged(name, orig, args)
+        _check_tensor(name, out, (args[0].shape[0],), args[0].dtype)
+        o = [a.double() for a in orig]
+        ref = module.log_likelihood(o[0], {"px_rate": o[1], "px_r": o[2], "px_dropout": o[3], "delta": o[4]})
+        if torch.isinf(out.detach()).any():
+            _fail(name, f"-inf {where}.", hint)
+        h = hint
+        if "delta close" in where:
+            h = ("with delta near 1 the mixture is the NB, near 0 the ZINB: delta is the weight of the NB "
+                 "(the probability that the gene is NOT zero-inflated).")
+        tol = 1e-3 if args[0].dtype == torch.float32 else 1e-6
+        _compare(name, out, ref, where, h, rtol=1e-5, atol=tol)
+    _pass(name, f"matches AutoZIModule.log_likelihood on {len(cases)} inputs (a real module in training and "
+          "evaluation mode, huge counts in float32, delta near 0 and 1, per-gene delta).")
+
+
+def _ref_min_dropout(h: torch.Tensor, tau: float) -> torch.Tensor:
+    h = h.double()
+    # logit(tau + (1 - tau) s) with s = sigmoid(h), without rounding 1 - s to 0
+    return torch.log(tau + (1 - tau) * torch.sigmoid(h)) - math.log1p(-tau) + F.softplus(h)
+
+
+@_deterministic
+def check_minimal_dropout_logits(minimal_dropout_logits: Callable) -> None:
+    """``minimal_dropout_logits(h, tau) -> logits`` of pi = tau + (1 - tau) sigmoid(h), against
+    ``AutoZIModule.generative`` and, for extreme h, a float64 reference."""
+    from mini_scvi.model.autozi import AutoZIModule
+    from mini_scvi.model.scvi import SCVIModule
+
+    name = "minimal_dropout_logits"
+    hint = ("pi = tau + (1 - tau) sigmoid(h); return its logit, log(pi) - log(1 - pi). Note "
+            "1 - pi = (1 - tau)(1 - sigmoid(h)) and log(1 - sigmoid(h)) = -softplus(h): this stays finite "
+            "when sigmoid(h) rounds to 1.")
+    module = AutoZIModule(n_input=20, n_hidden=16, n_latent=3, minimal_dropout=0.01).eval()
+    z = torch.randn(10, 3)
+    batch = torch.zeros(10, dtype=torch.long)
+    lib = torch.full((10, 1), 7.0)
+    with torch.no_grad():
+        raw = SCVIModule.generative(module, z, lib, batch)["px_dropout"]
+        expected = module.generative(z, lib, batch)["px_dropout"]
+    g = _rng()
+    cases = [("on the decoder output of a real AutoZIModule (tau = 0.01)", raw, 0.01, expected)]
+    h = torch.randn(8, 10, generator=g, dtype=torch.float64) * 5
+    for tau in (0.01, 0.2, 0.5, 0.0):
+        cases.append((f"for tau = {tau} (float64)", h, tau, None))
+    ext = torch.tensor([-50.0, -20.0, -5.0, 0.0, 5.0, 17.0, 20.0, 30.0, 50.0])
+    cases.append(("for extreme h (+-50) in float32, tau = 0.01", ext, 0.01, None))
+    for where, hh, tau, ref in cases:
+        (orig,) = _clone(hh)
+        out = _call(minimal_dropout_logits, name, hh, tau)
+        _check_unchanged(name, [orig], [hh])
+        _check_tensor(name, out, hh.shape, hh.dtype)
+        if ref is None:
+            ref = _ref_min_dropout(orig, tau)
+        if ((torch.sigmoid(out.detach().double()) < tau - 1e-6)).any():
+            _fail(name, f"the zero-inflation probability falls below tau {where}.", hint)
+        atol = 1e-4 if hh.dtype == torch.float32 else 1e-9
+        _compare(name, out, ref, where, hint, rtol=1e-5, atol=atol)
+    _pass(name, f"matches AutoZIModule.generative's rescaled logits and a float64 reference on {len(cases)} "
+          "inputs (tau 0 .. 0.5, h up to +-50 in float32).")
+
+
+@_deterministic
+def check_zi_call(zi_call: Callable) -> None:
+    """``zi_call(alpha, beta, threshold) -> (zi_prob, is_zi)``: q(delta < 0.5) by scipy's Beta cdf and the
+    call zi_prob > threshold, as in ``AUTOZI.get_zero_inflation``."""
+    from scipy.stats import beta as beta_dist
+
+    name = "zi_call"
+    rs = np.random.default_rng(_SEED)
+    a = rs.uniform(0.01, 0.99, size=50)
+    b = rs.uniform(0.01, 0.99, size=50)
+    keep = np.abs(a - b) > 1e-3  # alpha = beta puts q(delta < 0.5) at 0.5 up to rounding
+    a, b = a[keep], b[keep]
+    cases = [("for alpha, beta in (0, 1), threshold 0.5", a, b, 0.5),
+             ("with threshold 0.9", a, b, 0.9), ("with threshold 0.2", a, b, 0.2),
+             ("for large alpha, beta", rs.uniform(1, 300, 20), rs.uniform(1, 300, 20), 0.5),
+             ("for a (n_genes, n_batch) table", a[:12].reshape(6, 2), b[:12].reshape(6, 2), 0.5)]
+    for where, aa, bb, thr in cases:
+        oa, ob = aa.copy(), bb.copy()
+        out = _call(zi_call, name, aa, bb, thr)
+        p, call = _check_pair(name, out, "(zi_prob, is_zi)")
+        p = _check_array(name, p, aa.shape, "zi_prob")
+        call = _check_array(name, call, aa.shape, "is_zi")
+        ref = beta_dist.cdf(0.5, oa, ob)
+        _compare_np(name, p, ref, f"in zi_prob {where}",
+                    "delta is the probability of NOT being zero-inflated, so zero inflation is delta < 0.5: "
+                    "zi_prob = q(delta < 0.5) = scipy.stats.beta.cdf(0.5, alpha, beta).", rtol=1e-7, atol=1e-9)
+        if call.dtype != bool or not np.array_equal(call, ref > thr):
+            _fail(name, f"wrong is_zi {where}.",
+                  "is_zi compares zi_prob (not the posterior mean of delta) with the threshold: zi_prob > threshold.")
+        if thr == 0.5 and not np.array_equal(call, oa < ob):
+            _fail(name, f"at threshold 0.5 the call should agree with alpha < beta {where}.")
+    _pass(name, f"matches scipy's Beta cdf and AUTOZI.get_zero_inflation's rule on {len(cases)} inputs "
+          "(thresholds 0.2, 0.5, 0.9; (0, 1) and large parameters; a per-batch table).")

@@ -19,13 +19,20 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import beta as _beta_dist
+
+from mini_scvi.distributions import nb_log_prob as _nb_lp, zinb_log_prob as _zinb_lp
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "exercises"
-NOTEBOOKS = ["ex02_autoencoders.ipynb", "ex03_vae.ipynb", "ex04_count_likelihoods.ipynb"]
+NOTEBOOKS = [
+    "ex02_autoencoders.ipynb", "ex03_vae.ipynb", "ex04_count_likelihoods.ipynb",
+    "ex05_scvi.ipynb", "ex06_scvi_downstream.ipynb", "ex07_autozi.ipynb",
+]
 MARKERS = ["### BEGIN SOLUTION", "### END SOLUTION", "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"]
 
 
@@ -312,6 +319,342 @@ PACKAGE = {
     "check_log_nb": "mini_scvi.distributions.nb_log_prob",
     "check_log_zinb": "mini_scvi.distributions.zinb_log_prob",
 }
+
+
+# --------------------------------------------------------------------------- exercises 5-7: correct implementations
+
+def library_prior(counts, batch, n_batch):
+    log_totals = np.log(np.asarray(counts, dtype=np.float64).sum(1))
+    means, variances = np.zeros(n_batch), np.ones(n_batch)
+    for b in range(n_batch):
+        lb = log_totals[batch == b]
+        means[b] = lb.mean()
+        variances[b] = lb.var() if len(lb) > 1 else 1.0
+    return means, np.maximum(variances, 1e-4)
+
+
+def kl_library(ql_m, ql_v, batch_index, prior_means, prior_vars):
+    m_b = prior_means[batch_index].unsqueeze(-1)
+    v_b = prior_vars[batch_index].unsqueeze(-1)
+    return 0.5 * (torch.log(v_b / ql_v) + (ql_v + (ql_m - m_b) ** 2) / v_b - 1.0).sum(-1)
+
+
+def scvi_generative(scale_logits, px_r, library):
+    rho = torch.softmax(scale_logits, dim=-1)
+    return rho, torch.exp(library) * rho, torch.exp(px_r)
+
+
+def scvi_loss(x, mu, theta, zi_logits, qz_m, qz_v, kl_l, kl_weight):
+    rec = -_zinb_lp(x, mu, theta, zi_logits).sum(-1)
+    kl_z = kl_standard_normal(qz_m, qz_v)
+    return rec + kl_weight * kl_z + kl_l
+
+
+def kl_weight_at(epoch, n_epochs_kl_warmup):
+    if not n_epochs_kl_warmup:
+        return 1.0
+    return min(1.0, epoch / n_epochs_kl_warmup)
+
+
+def de_probabilities(rho1, rho2, mode="vanilla", delta=0.25, pseudocount=1e-4):
+    eps = 1e-8
+    if mode == "vanilla":
+        p = (rho1 > rho2).mean(0)
+    else:
+        lfc = np.log2(rho1 + pseudocount) - np.log2(rho2 + pseudocount)
+        p = (np.abs(lfc) >= delta).mean(0)
+    return p, np.log(p + eps) - np.log(1 - p + eps)
+
+
+def log_marginal(log_w):
+    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+
+
+def fdr_select(proba_de, fdr_target=0.05):
+    order = np.argsort(-proba_de, kind="stable")
+    fdr = np.cumsum(1 - proba_de[order]) / np.arange(1, len(order) + 1)
+    keep = np.zeros(len(order), dtype=bool)
+    keep[order] = fdr <= fdr_target
+    return keep
+
+
+def zero_fraction_ppc(x_obs, x_rep):
+    obs = (x_obs == 0).mean(0)
+    rep = (x_rep == 0).mean(0)  # (n_genes, n_samples)
+    return obs, rep.mean(-1), (rep >= obs[:, None]).mean(-1)
+
+
+def kl_beta(a_q, b_q, a_p, b_p):
+    def log_b(a, b):
+        return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+
+    ds = torch.digamma(a_q + b_q)
+    return (log_b(a_p, b_p) - log_b(a_q, b_q) + (a_q - a_p) * (torch.digamma(a_q) - ds)
+            + (b_q - b_p) * (torch.digamma(b_q) - ds))
+
+
+def autozi_log_likelihood(x, mu, theta, zi_logits, delta):
+    log_nb_ = torch.log(delta) + _nb_lp(x, mu, theta)
+    log_zinb_ = torch.log1p(-delta) + _zinb_lp(x, mu, theta, zi_logits)
+    return torch.logaddexp(log_nb_, log_zinb_).sum(-1)
+
+
+def minimal_dropout_logits(h, tau):
+    return torch.log(tau + (1 - tau) * torch.sigmoid(h)) - math.log1p(-tau) + F.softplus(h)
+
+
+def zi_call(alpha, beta, threshold=0.5):
+    p = _beta_dist.cdf(0.5, alpha, beta)
+    return p, p > threshold
+
+
+# --------------------------------------------------------------------------- exercises 5-7: wrong ones
+
+
+def _naive_softmax_generative(l, r, lib):
+    e = torch.exp(l)
+    rho = e / e.sum(-1, keepdim=True)
+    return rho, torch.exp(lib) * rho, torch.exp(r)
+
+
+def _naive_autozi(x, mu, theta, l, delta):
+    p = delta * torch.exp(_nb_lp(x, mu, theta)) + (1 - delta) * torch.exp(_zinb_lp(x, mu, theta, l))
+    return torch.log(p).sum(-1)
+
+
+def _naive_min_dropout(h, tau):  # the textbook formula: inf once sigmoid(h) rounds to 1
+    pi = tau + (1 - tau) * torch.sigmoid(h)
+    return torch.log(pi) - torch.log1p(-pi)
+
+
+def _fdr_unsorted(p, t=0.05):
+    return np.cumsum(1 - p) / np.arange(1, len(p) + 1) <= t
+
+
+def _fdr_sorted_mask(p, t=0.05):  # right count, but the mask is in sorted order
+    order = np.argsort(-p, kind="stable")
+    return np.cumsum(1 - p[order]) / np.arange(1, len(p) + 1) <= t
+
+
+def _library_ddof1(c, b, n):
+    m, v = library_prior(c, b, n)
+    lt = np.log(np.asarray(c, dtype=np.float64).sum(1))
+    v = np.array([lt[b == k].var(ddof=1) if (b == k).sum() > 1 else 1.0 for k in range(n)])
+    return m, np.maximum(v, 1e-4)
+
+
+def _library_log_of_mean(c, b, n):
+    m, v = library_prior(c, b, n)
+    tot = np.asarray(c, dtype=np.float64).sum(1)
+    return np.array([np.log(tot[b == k].mean()) for k in range(n)]), v
+
+
+def _library_no_rules(c, b, n):  # variance 0 for one cell, no floor
+    lt = np.log(np.asarray(c, dtype=np.float64).sum(1))
+    return np.array([lt[b == k].mean() for k in range(n)]), np.array([lt[b == k].var() for k in range(n)])
+
+
+def _de_no_eps(r1, r2, mode="vanilla", delta=0.25, pseudocount=1e-4):
+    p = de_probabilities(r1, r2, mode, delta, pseudocount)[0]
+    with np.errstate(divide="ignore"):
+        return p, np.log(p) - np.log(1 - p)
+
+
+def _de_geq(r1, r2, mode="vanilla", delta=0.25, pseudocount=1e-4):
+    if mode != "vanilla":
+        return de_probabilities(r1, r2, mode, delta, pseudocount)
+    p = (r1 >= r2).mean(0)
+    return p, np.log(p + 1e-8) - np.log(1 - p + 1e-8)
+
+
+def _de_ln(r1, r2, mode="vanilla", delta=0.25, pseudocount=1e-4):
+    if mode == "vanilla":
+        return de_probabilities(r1, r2, mode, delta, pseudocount)
+    p = (np.abs(np.log(r1 + pseudocount) - np.log(r2 + pseudocount)) >= delta).mean(0)
+    return p, np.log(p + 1e-8) - np.log(1 - p + 1e-8)
+
+
+def _kl_beta_log_b_swapped(aq, bq, ap, bp):
+    def log_b(a, b):
+        return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+
+    return kl_beta(aq, bq, ap, bp) - 2 * (log_b(ap, bp) - log_b(aq, bq))
+
+
+def _alt_min_dropout(h, tau):
+    # pi = (tau + e^h) / (1 + e^h) and 1 - pi = (1 - tau) / (1 + e^h), so logit(pi) = log(tau + e^h) - log(1 - tau)
+    log_tau = torch.full_like(h, math.log(tau) if tau > 0 else -math.inf)
+    return torch.logaddexp(log_tau, h) - math.log1p(-tau)
+
+
+WRONG.update({
+    "check_library_prior": [
+        _library_ddof1,
+        _library_log_of_mean,
+        _library_no_rules,
+        lambda c, b, n: (lambda m, v: (m, np.sqrt(v)))(*library_prior(c, b, n)),  # std, not variance
+        lambda c, b, n: (lambda lt: (np.full(n, lt.mean()), np.full(n, max(lt.var(), 1e-4))))(
+            np.log(np.asarray(c, dtype=np.float64).sum(1))),  # batches ignored
+    ],
+    "check_kl_library": [
+        lambda m, v, b, pm, pv: kl_standard_normal(m, v),  # against N(0, 1)
+        lambda m, v, b, pm, pv: kl_library(m, v, b, pm, pv.sqrt()),  # prior std as variance
+        lambda m, v, b, pm, pv: 0.5 * (torch.log(v / pv[b].unsqueeze(-1)) + (pv[b].unsqueeze(-1)
+                                       + (m - pm[b].unsqueeze(-1)) ** 2) / v - 1.0).sum(-1),  # KL(p || q)
+        lambda m, v, b, pm, pv: kl_library(m, v, torch.zeros_like(b), pm, pv),  # first batch's prior for all
+    ],
+    "check_scvi_generative": [
+        lambda l, r, lib: (lambda rho: (rho, lib * rho, torch.exp(r)))(torch.softmax(l, -1)),  # log library
+        lambda l, r, lib: (lambda rho: (rho, torch.exp(lib) * rho, r))(torch.softmax(l, -1)),  # theta = px_r
+        lambda l, r, lib: (lambda rho: (rho, torch.exp(lib) * rho, torch.exp(r)))(torch.softmax(l, 0)),  # cells
+        lambda l, r, lib: (lambda rho: (rho, torch.exp(lib) * rho, torch.exp(r)))(torch.sigmoid(l)),
+        _naive_softmax_generative,
+    ],
+    "check_scvi_loss": [
+        lambda x, mu, th, zl, m, v, kl_l, w: scvi_loss(x, mu, th, zl, m, v, kl_l * w, w),  # warm-up on KL_l too
+        lambda x, mu, th, zl, m, v, kl_l, w: scvi_loss(x, mu, th, zl, m, v, 0 * kl_l, w),  # KL_l forgotten
+        lambda x, mu, th, zl, m, v, kl_l, w: (-_zinb_lp(x, mu, th, zl).mean(-1) + w * kl_standard_normal(m, v)
+                                               + kl_l),  # mean over genes
+        lambda x, mu, th, zl, m, v, kl_l, w: (-_nb_lp(x, mu, th).sum(-1) + w * kl_standard_normal(m, v)
+                                               + kl_l),  # NB instead of ZINB
+        lambda x, mu, th, zl, m, v, kl_l, w: (-_zinb_lp(x, mu, th, zl, include_constant=False).sum(-1)
+                                               + w * kl_standard_normal(m, v) + kl_l),  # log x! dropped
+    ],
+    "check_kl_weight_at": [
+        lambda e, n: e / n if n else 1.0,  # not clipped at 1
+        lambda e, n: min(1.0, e / n) if n else 0.0,  # no warm-up read as "no KL"
+        lambda e, n: min(1.0, (e + 1) / n) if n else 1.0,  # off by one epoch
+        lambda e, n: min(1.0, e / n),  # crashes without warm-up
+    ],
+    "check_de_probabilities": [
+        _de_no_eps,  # no eps: infinite Bayes factors
+        _de_geq,  # rho1 >= rho2: ties count for H1
+        _de_ln,  # natural log fold change compared with a log2 delta
+        lambda r1, r2, mode="vanilla", delta=0.25, pseudocount=1e-4: de_probabilities(  # pseudocount ignored
+            r1, r2, mode, delta, 0.0),
+        lambda r1, r2, mode="vanilla", delta=0.25, pseudocount=1e-4: (  # Bayes factor as p / (1 - p), not its log
+            lambda p, bf: (p, np.exp(bf)))(*de_probabilities(r1, r2, mode, delta, pseudocount)),
+    ],
+    "check_log_marginal": [
+        lambda w: torch.log(torch.exp(w).mean(0)),  # naive: underflows
+        lambda w: torch.logsumexp(w, 0),  # - log S forgotten
+        lambda w: w.mean(0),  # the ELBO, not log p(x)
+        lambda w: torch.logsumexp(w, 1)[: w.shape[1]] - math.log(w.shape[1]) if w.shape[0] >= w.shape[1]
+        else torch.logsumexp(w, 0),  # wrong axis
+        lambda w: w.max(0).values,  # the largest weight
+    ],
+    "check_fdr_select": [
+        _fdr_unsorted,
+        _fdr_sorted_mask,
+        lambda p, t=0.05: 1 - p <= t,  # per-gene threshold
+        lambda p, t=0.05: (lambda o: (lambda keep: (keep.__setitem__(o, np.cumsum(1 - p[o]) <= t), keep)[1])(
+            np.zeros(len(p), dtype=bool)))(np.argsort(-p, kind="stable")),  # cumulative sum, not mean
+    ],
+    "check_zero_fraction_ppc": [
+        lambda xo, xr: (lambda o, r: (o, r.mean(-1), (r > o[:, None]).mean(-1)))(
+            (xo == 0).mean(0), (xr == 0).mean(0)),  # ties not counted
+        lambda xo, xr: (lambda o, r: (o, r.mean(-1), (r <= o[:, None]).mean(-1)))(
+            (xo == 0).mean(0), (xr == 0).mean(0)),  # the other tail
+        lambda xo, xr: (lambda o, r: (o, r.mean(-1), (r >= o[:, None]).mean(-1)))(
+            (xo > 0).mean(0), (xr > 0).mean(0)),  # fraction of non-zeros
+    ],
+    "check_kl_beta": [
+        lambda aq, bq, ap, bp: kl_beta(ap, bp, aq, bq),  # KL(p || q)
+        lambda aq, bq, ap, bp: (kl_beta(aq, bq, ap, bp) - (aq - ap) * (torch.digamma(aq) - torch.digamma(aq + bq))
+                                + (aq - ap) * torch.digamma(aq)),  # psi(a + b) forgotten in one term
+        lambda aq, bq, ap, bp: -kl_beta(aq, bq, ap, bp),  # sign
+        _kl_beta_log_b_swapped,
+    ],
+    "check_autozi_log_likelihood": [
+        _naive_autozi,
+        lambda x, mu, th, l, d: autozi_log_likelihood(x, mu, th, l, 1 - d),  # delta weights the ZINB
+        lambda x, mu, th, l, d: (d * _nb_lp(x, mu, th) + (1 - d) * _zinb_lp(x, mu, th, l)).sum(-1),  # Jensen
+        lambda x, mu, th, l, d: torch.logaddexp(torch.log(d) + _nb_lp(x, mu, th),
+                                                torch.log1p(-d) + _zinb_lp(x, mu, th, l)).mean(-1),  # mean
+    ],
+    "check_minimal_dropout_logits": [
+        lambda h, tau: tau + (1 - tau) * torch.sigmoid(h),  # a probability, not logits
+        lambda h, tau: h + math.log(tau / (1 - tau)) if tau > 0 else h,  # shifted logits
+        lambda h, tau: (lambda pi: torch.log(pi) - torch.log1p(-pi))(tau + torch.sigmoid(h)),  # no (1 - tau)
+        _naive_min_dropout,
+    ],
+    "check_zi_call": [
+        lambda a, b, t=0.5: (lambda p: (p, p > t))(_beta_dist.sf(0.5, a, b)),  # q(delta > 0.5)
+        lambda a, b, t=0.5: (lambda p: (p, a / (a + b) < 0.5))(_beta_dist.cdf(0.5, a, b)),  # threshold ignored
+        lambda a, b, t=0.5: (lambda p: (p, p > t))(_beta_dist.cdf(t, a, b)),  # threshold used as the cut on delta
+    ],
+})
+
+CORRECT.update({
+    "check_library_prior": library_prior,
+    "check_kl_library": kl_library,
+    "check_scvi_generative": scvi_generative,
+    "check_scvi_loss": scvi_loss,
+    "check_kl_weight_at": kl_weight_at,
+    "check_de_probabilities": de_probabilities,
+    "check_log_marginal": log_marginal,
+    "check_fdr_select": fdr_select,
+    "check_zero_fraction_ppc": zero_fraction_ppc,
+    "check_kl_beta": kl_beta,
+    "check_autozi_log_likelihood": autozi_log_likelihood,
+    "check_minimal_dropout_logits": minimal_dropout_logits,
+    "check_zi_call": zi_call,
+})
+
+ALTERNATIVES.update({
+    "check_library_prior": [
+        lambda c, b, n: (lambda lt: (np.array([lt[b == k].mean() for k in range(n)]),
+                                     np.array([max(np.mean((lt[b == k] - lt[b == k].mean()) ** 2), 1e-4)
+                                               if (b == k).sum() > 1 else 1.0 for k in range(n)])))(
+            np.log(c.sum(axis=1).astype(np.float64))),
+    ],
+    "check_kl_library": [
+        lambda m, v, b, pm, pv: torch.distributions.kl_divergence(
+            Normal(m, v.sqrt()), Normal(pm[b].unsqueeze(-1), pv[b].unsqueeze(-1).sqrt())).sum(-1),
+    ],
+    "check_scvi_generative": [
+        lambda l, r, lib: (lambda rho: (rho, torch.exp(lib + torch.log_softmax(l, -1)), r.exp()))(F.softmax(l, dim=1)),
+    ],
+    "check_scvi_loss": [
+        lambda x, mu, th, zl, m, v, kl_l, w: (
+            -_zinb_lp(x, mu, th, zl, include_constant=False).sum(-1) + torch.lgamma(x + 1).sum(-1)
+            + w * torch.distributions.kl_divergence(Normal(m, v.sqrt()), Normal(0.0, 1.0)).sum(-1) + kl_l),
+    ],
+    "check_kl_weight_at": [lambda e, n: 1.0 if n in (None, 0) else float(np.clip(e / n, 0.0, 1.0))],
+    "check_de_probabilities": [
+        lambda r1, r2, mode="vanilla", delta=0.25, pseudocount=1e-4: (lambda p: (p, np.log((p + 1e-8) / (1 - p + 1e-8))))(
+            np.mean(r1 > r2, axis=0) if mode == "vanilla"
+            else np.mean(np.abs(np.log2((r1 + pseudocount) / (r2 + pseudocount))) >= delta, axis=0)),
+    ],
+    "check_log_marginal": [
+        lambda w: (lambda m: m + torch.log(torch.exp(w - m).mean(0)))(w.max(0).values),
+    ],
+    "check_fdr_select": [
+        lambda p, t=0.05: (lambda s: p >= s[np.flatnonzero(np.cumsum(1 - s) / np.arange(1, len(s) + 1) <= t)[-1]]
+                           if (np.cumsum(1 - s) / np.arange(1, len(s) + 1) <= t).any()
+                           else np.zeros(len(p), dtype=bool))(np.sort(p)[::-1]),
+    ],
+    "check_zero_fraction_ppc": [
+        lambda xo, xr: (lambda o, r: (o, r.mean(1), np.mean(r >= o[:, None], axis=1)))(
+            1 - np.count_nonzero(xo, axis=0) / xo.shape[0], 1 - np.count_nonzero(xr, axis=0) / xr.shape[0]),
+    ],
+    "check_kl_beta": [
+        lambda aq, bq, ap, bp: torch.distributions.kl_divergence(torch.distributions.Beta(aq, bq),
+                                                                 torch.distributions.Beta(ap, bp)),
+    ],
+    "check_autozi_log_likelihood": [
+        lambda x, mu, th, l, d: torch.stack([torch.log(d).expand_as(x) + _nb_lp(x, mu, th),
+                                             torch.log1p(-d).expand_as(x) + _zinb_lp(x, mu, th, l)]).logsumexp(0).sum(1),
+    ],
+    "check_minimal_dropout_logits": [_alt_min_dropout],
+    "check_zi_call": [lambda a, b, t=0.5: (lambda p: (p, np.greater(p, t)))(1 - _beta_dist.sf(0.5, a, b))],
+})
+
+
+PACKAGE.update({
+    "check_kl_weight_at": "mini_scvi.train.kl_weight_at",
+    "check_kl_beta": "mini_scvi.distributions.kl_beta",
+})
 
 
 # --------------------------------------------------------------------------- checker tests

@@ -421,9 +421,14 @@ class SCVI(BaseModel):
             **_raw_stats(X, idx1, "1"), **_raw_stats(X, idx2, "2"),
         )
         df = pd.DataFrame(res, index=adata.var_names)
+        # posterior expected FDR of the k genes with the highest proba_de: select the largest list whose
+        # mean of (1 - proba_de) stays below the target
+        p_de = df["proba_de"].to_numpy()
+        order = np.argsort(-p_de, kind="stable")
+        expected_fdr = np.empty(len(df))
+        expected_fdr[order] = np.cumsum(1 - p_de[order]) / np.arange(1, len(df) + 1)
+        df[f"is_de_fdr_{fdr_target}"] = expected_fdr <= fdr_target
         df = df.sort_values("proba_de" if mode == "change" else "bayes_factor", ascending=False)
-        # posterior expected FDR of the top-k list (change mode: the usual scvi-tools rule)
-        df[f"is_de_fdr_{fdr_target}"] = np.cumsum(1 - df["proba_de"].to_numpy()) / np.arange(1, len(df) + 1) <= fdr_target
         df["comparison"] = f"{name1} vs {name2}"
         return df
 
