@@ -67,7 +67,7 @@ def zinb_log_prob(
     mu = mu.clamp_min(_tiny(mu))
     theta = theta.clamp_min(_tiny(theta))
     log_nb0 = -theta * torch.log1p(mu / theta)  # log NB(0)
-    softplus_neg_pi = F.softplus(-zi_logits)  # -log(1 - pi)
+    softplus_neg_pi = F.softplus(-zi_logits)  # -log(pi), with pi = sigmoid(zi_logits)
     case_zero = F.softplus(log_nb0 - zi_logits) - softplus_neg_pi
     case_nonzero = -softplus_neg_pi - zi_logits + nb_log_prob(x, mu, theta, include_constant)
     # at x == 0 lgamma(x + 1) == 0, so the constant needs no special case
