@@ -194,3 +194,83 @@ def kl_beta(
         + (a_q - a_p) * (torch.digamma(a_q) - dig_sum)
         + (b_q - b_p) * (torch.digamma(b_q) - dig_sum)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The training path: the same log-likelihoods with hand-written gradients (chapter 5).
+#
+# On a CPU, one training step of scVI spends most of its time not in the networks but in the
+# ~40 elementwise operations autograd records for the ZINB above: each one a pass over the
+# (cells x genes) minibatch, and backward doubles them. Two facts make a faster version easy:
+# most counts are zero (over 90% in pbmc3k), and at x = 0 the NB reduces to
+# log NB(0) = -theta log1p(mu / theta); the lgamma / digamma terms are needed only where x > 0.
+# So the function below computes the zero case for every entry, the rest only at the non-zero
+# entries, and writes the gradients out by hand. Its values and gradients are tested against
+# ``zinb_log_prob`` / ``nb_log_prob`` and autograd (tests/test_distributions.py).
+
+
+class _NBMixtureLogProb(torch.autograd.Function):
+    """log ZINB(x; mu, theta, sigmoid(zi)) elementwise, or log NB(x; mu, theta) when ``zi`` is None,
+    without the data-only term ``lgamma(x + 1)``. Gradients for mu, theta and zi (not x)."""
+
+    @staticmethod
+    def forward(ctx, x, mu, theta, zi):
+        shape = torch.broadcast_shapes(x.shape, mu.shape, theta.shape, *(() if zi is None else (zi.shape,)))
+        mu = mu.clamp_min(_tiny(mu))
+        theta = theta.clamp_min(_tiny(theta))
+        r = mu / theta
+        log_nb0 = -theta * torch.log1p(r)  # log NB(0), every entry
+        if zi is None:
+            out = log_nb0.expand(shape).clone()
+        else:
+            # log(pi + (1 - pi) NB(0)) = softplus(log NB(0) - zi) - softplus(-zi)
+            out = (F.softplus(log_nb0 - zi) - F.softplus(-zi)).expand(shape).clone()
+        # where x > 0: log(1 - pi) + log NB(x); lgamma and log only at these entries
+        nz = torch.nonzero(x.expand(shape).reshape(-1)).squeeze(1)
+        xs, ms, ts = (t.expand(shape).reshape(-1)[nz] for t in (x, mu, theta))
+        log_mu_theta = torch.log(ts + ms)
+        rest = (torch.lgamma(xs + ts) - torch.lgamma(ts)) + xs * (torch.log(ms) - log_mu_theta)
+        rest += log_nb0.expand(shape).reshape(-1)[nz]
+        if zi is not None:
+            rest -= F.softplus(zi.expand(shape).reshape(-1)[nz])  # log(1 - pi)
+        out.view(-1)[nz] = rest
+        ctx.save_for_backward(nz, xs, ms, ts, log_mu_theta, r, log_nb0, zi)
+        ctx.shapes = (shape, mu.shape, theta.shape, None if zi is None else zi.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        nz, xs, ms, ts, log_mu_theta, r, log_nb0, zi = ctx.saved_tensors
+        shape, mu_shape, theta_shape, zi_shape = ctx.shapes
+        # d out / d log NB(0): at zeros, w = P(the zero came from the NB) = sigmoid(log NB(0) - zi); else 1
+        if zi is None:
+            d_nb0 = grad.clone()
+        else:
+            w = torch.sigmoid(log_nb0 - zi)
+            d_nb0 = grad * w
+            d_zi = grad * (torch.sigmoid(-zi) - w)  # at zeros: (1 - pi) - w
+        g_nz = grad.reshape(-1)[nz]
+        d_nb0.view(-1)[nz] = g_nz
+        # log NB(0) = -theta log1p(mu / theta): d/dmu = -1 / (1 + r), d/dtheta = r / (1 + r) - log1p(r)
+        q = 1.0 / (1.0 + r)
+        d_mu = -d_nb0 * q
+        d_theta = d_nb0 * (r * q - torch.log1p(r))
+        # the x > 0 entries add x (log mu - log(theta + mu)) + lgamma(x + theta) - lgamma(theta)
+        inv = 1.0 / (ts + ms)
+        d_mu.view(-1)[nz] += g_nz * (xs / ms - xs * inv)
+        d_theta.view(-1)[nz] += g_nz * (torch.digamma(xs + ts) - torch.digamma(ts) - xs * inv)
+        grads = [None, d_mu.sum_to_size(mu_shape), d_theta.sum_to_size(theta_shape), None]
+        if zi is not None:
+            d_zi.view(-1)[nz] = -g_nz * torch.sigmoid(zi.expand(shape).reshape(-1)[nz])  # x > 0: -pi
+            grads[3] = d_zi.sum_to_size(zi_shape)
+        return tuple(grads)
+
+
+def nb_log_prob_fast(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``nb_log_prob(x, mu, theta, include_constant=False)``, faster to train with (chapter 5)."""
+    return _NBMixtureLogProb.apply(x, mu, theta, None)
+
+
+def zinb_log_prob_fast(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:
+    """``zinb_log_prob(x, mu, theta, zi_logits, include_constant=False)``, faster to train with (chapter 5)."""
+    return _NBMixtureLogProb.apply(x, mu, theta, zi_logits)

@@ -27,8 +27,10 @@ from mini_scvi.distributions import (
     kl_beta,
     kl_normal,
     nb_log_prob,
+    nb_log_prob_fast,
     poisson_log_prob,
     zinb_log_prob,
+    zinb_log_prob_fast,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -319,3 +321,59 @@ def test_kl_beta_zero_iff_equal():
     b = torch.tensor([0.5, 0.9, 7.0], dtype=torch.float64)
     torch.testing.assert_close(kl_beta(a, b, a, b), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12)
     assert torch.all(kl_beta(a, b, 0.3, 0.7) > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training path (hand-written gradients) against the readable functions and autograd
+# ---------------------------------------------------------------------------------------------
+def _fast_and_reference(fn):
+    if fn == "nb":
+        return (lambda x, mu, theta, zi: nb_log_prob_fast(x, mu, theta),
+                lambda x, mu, theta, zi: nb_log_prob(x, mu, theta, include_constant=False), 2)
+    return zinb_log_prob_fast, lambda x, mu, theta, zi: zinb_log_prob(x, mu, theta, zi, include_constant=False), 3
+
+
+@pytest.mark.parametrize("fn", ["nb", "zinb"])
+def test_fast_log_prob_equals_readable_on_grid(fn):
+    fast, ref, n_params = _fast_and_reference(fn)
+    x, mu, theta, zi = _t(*_grid(XS, MUS, THETAS, ZI_LOGITS))
+    params = [t.requires_grad_(True) for t in (mu, theta, zi)[:n_params]]
+    a, b = fast(x, mu, theta, zi), ref(x, mu, theta, zi)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for g_fast, g_ref in zip(torch.autograd.grad(a.sum(), params), torch.autograd.grad(b.sum(), params)):
+        assert torch.isfinite(g_fast).all()
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-9, atol=1e-9)
+
+
+# the shapes the models pass: theta per gene (G,) or per cell (n, G); zero-inflation per cell or per gene
+_SHAPES = [((6, 5), (5,), (6, 5)), ((6, 5), (6, 5), (5,)), ((6, 5), (6, 5), (6, 5)), ((6, 1), (5,), (6, 5)),
+           ((5,), (5,), (5,))]  # the last: only the counts have a cell axis
+
+
+@pytest.mark.parametrize("fn", ["nb", "zinb"])
+@pytest.mark.parametrize("shapes", _SHAPES)
+def test_fast_log_prob_gradients_match_finite_differences(fn, shapes):
+    fast, ref, n_params = _fast_and_reference(fn)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.full((6, 5), 2.0, dtype=torch.float64), generator=gen)
+    x[0] = 0.0  # a cell with no counts and entries on both sides of zero
+    mu_shape, theta_shape, zi_shape = shapes
+    mu = torch.rand(mu_shape, dtype=torch.float64, generator=gen) * 5 + 0.05
+    theta = torch.rand(theta_shape, dtype=torch.float64, generator=gen) * 3 + 0.1
+    zi = torch.randn(zi_shape, dtype=torch.float64, generator=gen)
+    args = tuple(t.requires_grad_(True) for t in (mu, theta, zi)[:n_params])
+    assert torch.autograd.gradcheck(lambda *p: fast(x, *p, *(zi,) * (3 - n_params)), args)
+    torch.testing.assert_close(fast(x, mu, theta, zi), ref(x, mu, theta, zi).expand(6, 5))
+
+
+@pytest.mark.parametrize("fn", ["nb", "zinb"])
+@pytest.mark.parametrize("fill", [0.0, 3.0])
+def test_fast_log_prob_all_zero_and_all_nonzero(fn, fill):
+    fast, ref, n_params = _fast_and_reference(fn)
+    x = torch.full((4, 3), fill)
+    mu, theta, zi = torch.full((4, 3), 2.0), torch.full((3,), 0.5), torch.zeros(4, 3)
+    params = [t.requires_grad_(True) for t in (mu, theta, zi)[:n_params]]
+    a, b = fast(x, mu, theta, zi), ref(x, mu, theta, zi)
+    torch.testing.assert_close(a, b)
+    for g_fast, g_ref in zip(torch.autograd.grad(a.sum(), params), torch.autograd.grad(b.sum(), params)):
+        torch.testing.assert_close(g_fast, g_ref)

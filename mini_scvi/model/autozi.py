@@ -29,7 +29,7 @@ from scipy.stats import beta as beta_dist
 from torch import nn
 
 from .. import _adata
-from ..distributions import kl_beta, nb_log_prob, zinb_log_prob
+from ..distributions import kl_beta, nb_log_prob_fast, zinb_log_prob_fast
 from ..module import LossOutput
 from ..nn import one_hot
 from .scvi import SCVI, SCVIModule
@@ -111,9 +111,11 @@ class AutoZIModule(SCVIModule):
         """log [delta NB(x) + (1 - delta) ZINB(x)] summed over genes: (n,)."""
         g = generative_outputs
         delta = g["delta"].clamp(1e-7, 1 - 1e-7)
-        log_nb = torch.log(delta) + nb_log_prob(x, g["px_rate"], g["px_r"], include_constant)
-        log_zinb = torch.log1p(-delta) + zinb_log_prob(x, g["px_rate"], g["px_r"], g["px_dropout"], include_constant)
-        return torch.logaddexp(log_nb, log_zinb).sum(-1)
+        log_nb = torch.log(delta) + nb_log_prob_fast(x, g["px_rate"], g["px_r"])
+        log_zinb = torch.log1p(-delta) + zinb_log_prob_fast(x, g["px_rate"], g["px_r"], g["px_dropout"])
+        ll = torch.logaddexp(log_nb, log_zinb).sum(-1)
+        # -log x! is common to both components, so it comes out of the mixture
+        return ll - torch.lgamma(x + 1).sum(-1) if include_constant else ll
 
     def kl_global(self) -> torch.Tensor:
         """sum over genes (and batches / labels) of KL(Beta(alpha_g, beta_g) || Beta(alpha, beta))."""

@@ -33,9 +33,9 @@ from ..distributions import (
     Poisson,
     ZeroInflatedNegativeBinomial,
     kl_normal,
-    nb_log_prob,
+    nb_log_prob_fast,
     poisson_log_prob,
-    zinb_log_prob,
+    zinb_log_prob_fast,
 )
 from ..module import BaseModule, LossOutput
 from ..nn import Encoder, FCLayers, one_hot
@@ -154,15 +154,18 @@ class SCVIModule(BaseModule):
         }
 
     def log_likelihood(self, x: torch.Tensor, generative_outputs: dict, include_constant: bool = True) -> torch.Tensor:
-        """log p(x | z, l), summed over genes: (n,)."""
+        """log p(x | z, l), summed over genes: (n,). The loss passes ``include_constant=False`` and
+        adds the data-only sum of log x! that the data layer precomputed per cell."""
         g = generative_outputs
+        # the *_fast functions equal zinb_log_prob / nb_log_prob (chapter 4) without the constant
         if self.gene_likelihood == "zinb":
-            ll = zinb_log_prob(x, g["px_rate"], g["px_r"], g["px_dropout"], include_constant)
+            ll = zinb_log_prob_fast(x, g["px_rate"], g["px_r"], g["px_dropout"])
         elif self.gene_likelihood == "nb":
-            ll = nb_log_prob(x, g["px_rate"], g["px_r"], include_constant)
+            ll = nb_log_prob_fast(x, g["px_rate"], g["px_r"])
         else:
-            ll = poisson_log_prob(x, g["px_rate"], include_constant)
-        return ll.sum(-1)
+            ll = poisson_log_prob(x, g["px_rate"], include_constant=False)
+        ll = ll.sum(-1)
+        return ll - torch.lgamma(x + 1).sum(-1) if include_constant else ll
 
     def observation_distribution(self, generative_outputs: dict):
         g = generative_outputs
