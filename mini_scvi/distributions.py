@@ -219,49 +219,51 @@ class _NBMixtureLogProb(torch.autograd.Function):
         mu = mu.clamp_min(_tiny(mu))
         theta = theta.clamp_min(_tiny(theta))
         r = mu / theta
-        log_nb0 = -theta * torch.log1p(r)  # log NB(0), every entry
+        log1p_r = torch.log1p(r)
+        log_nb0 = -theta * log1p_r  # log NB(0), every entry
         if zi is None:
             out = log_nb0.expand(shape).clone()
+            w = one_minus_pi = None
         else:
             # log(pi + (1 - pi) NB(0)) = softplus(log NB(0) - zi) - softplus(-zi)
-            out = (F.softplus(log_nb0 - zi) - F.softplus(-zi)).expand(shape).clone()
+            t = log_nb0 - zi
+            softplus_t, softplus_neg_zi = F.softplus(t), F.softplus(-zi)
+            out = (softplus_t - softplus_neg_zi).expand(shape).clone()
+            # kept for backward, as exp of what we have (cheaper than two more sigmoids):
+            w = torch.exp(t - softplus_t)  # sigmoid(t): P(an observed zero came from the NB)
+            one_minus_pi = torch.exp(-softplus_neg_zi - zi)  # sigmoid(-zi)
         # where x > 0: log(1 - pi) + log NB(x); lgamma and log only at these entries
         nz = torch.nonzero(x.expand(shape).reshape(-1)).squeeze(1)
-        xs, ms, ts = (t.expand(shape).reshape(-1)[nz] for t in (x, mu, theta))
-        log_mu_theta = torch.log(ts + ms)
-        rest = (torch.lgamma(xs + ts) - torch.lgamma(ts)) + xs * (torch.log(ms) - log_mu_theta)
+        xs, ms, ts = (a.expand(shape).reshape(-1)[nz] for a in (x, mu, theta))
+        rest = (torch.lgamma(xs + ts) - torch.lgamma(ts)) + xs * (torch.log(ms) - torch.log(ts + ms))
         rest += log_nb0.expand(shape).reshape(-1)[nz]
         if zi is not None:
             rest -= F.softplus(zi.expand(shape).reshape(-1)[nz])  # log(1 - pi)
         out.view(-1)[nz] = rest
-        ctx.save_for_backward(nz, xs, ms, ts, log_mu_theta, r, log_nb0, zi)
+        ctx.save_for_backward(nz, xs, ms, ts, r, log1p_r, w, one_minus_pi)
         ctx.shapes = (shape, mu.shape, theta.shape, None if zi is None else zi.shape)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        nz, xs, ms, ts, log_mu_theta, r, log_nb0, zi = ctx.saved_tensors
+        nz, xs, ms, ts, r, log1p_r, w, one_minus_pi = ctx.saved_tensors
         shape, mu_shape, theta_shape, zi_shape = ctx.shapes
-        # d out / d log NB(0): at zeros, w = P(the zero came from the NB) = sigmoid(log NB(0) - zi); else 1
-        if zi is None:
-            d_nb0 = grad.clone()
-        else:
-            w = torch.sigmoid(log_nb0 - zi)
-            d_nb0 = grad * w
-            d_zi = grad * (torch.sigmoid(-zi) - w)  # at zeros: (1 - pi) - w
+        # d out / d log NB(0): w at the zeros of a ZINB, 1 everywhere else
         g_nz = grad.reshape(-1)[nz]
+        d_nb0 = grad.clone() if w is None else grad * w
         d_nb0.view(-1)[nz] = g_nz
         # log NB(0) = -theta log1p(mu / theta): d/dmu = -1 / (1 + r), d/dtheta = r / (1 + r) - log1p(r)
         q = 1.0 / (1.0 + r)
         d_mu = -d_nb0 * q
-        d_theta = d_nb0 * (r * q - torch.log1p(r))
+        d_theta = d_nb0 * (r * q - log1p_r)
         # the x > 0 entries add x (log mu - log(theta + mu)) + lgamma(x + theta) - lgamma(theta)
         inv = 1.0 / (ts + ms)
         d_mu.view(-1)[nz] += g_nz * (xs / ms - xs * inv)
         d_theta.view(-1)[nz] += g_nz * (torch.digamma(xs + ts) - torch.digamma(ts) - xs * inv)
         grads = [None, d_mu.sum_to_size(mu_shape), d_theta.sum_to_size(theta_shape), None]
-        if zi is not None:
-            d_zi.view(-1)[nz] = -g_nz * torch.sigmoid(zi.expand(shape).reshape(-1)[nz])  # x > 0: -pi
+        if w is not None:
+            d_zi = grad * (one_minus_pi - w)  # at zeros: (1 - pi) - w
+            d_zi.view(-1)[nz] = g_nz * (one_minus_pi.expand(shape).reshape(-1)[nz] - 1.0)  # x > 0: -pi
             grads[3] = d_zi.sum_to_size(zi_shape)
         return tuple(grads)
 
