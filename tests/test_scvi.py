@@ -390,6 +390,13 @@ def test_bad_arguments_give_clear_errors():
     a, m = _tiny_model(epochs=0)
     with pytest.raises(ValueError, match="transform_batch"):
         m.get_normalized_expression(transform_batch="batch7")
+    with pytest.raises(ValueError, match="transform_batch"):  # a number is a name too, not an iterable
+        m.get_normalized_expression(transform_batch=7)
+    # idx1 alone compares with every other cell, and says so
+    de = m.differential_expression(idx1=np.arange(10), n_samples=20)
+    assert set(de["comparison"]) == {"group1 vs rest"}
+    de = m.differential_expression(idx1=np.arange(10), idx2=np.arange(10, 30), n_samples=20)
+    assert set(de["comparison"]) == {"group1 vs group2"}
     with pytest.raises(KeyError, match="groupby"):
         m.differential_expression(groupby="no_such_column", group1="type0")
     with pytest.raises(ValueError, match="no cells"):

@@ -321,7 +321,9 @@ class SCVI(BaseModel):
         when ``return_mean=False``.
         """
         adata = self._validate_anndata(adata)
-        batches = [transform_batch] if transform_batch is None or isinstance(transform_batch, str) else list(transform_batch)
+        # one batch (a name or a code like 0) or a list of them, averaged
+        single = transform_batch is None or isinstance(transform_batch, (str, int, np.integer))
+        batches = [transform_batch] if single else list(transform_batch)
         key = "px_rate" if library_size == "latent" else "px_scale"
         scale = 1.0 if library_size == "latent" else float(library_size)
         per_batch = []
@@ -439,10 +441,9 @@ class SCVI(BaseModel):
         if idx1 is not None:
             idx1 = np.flatnonzero(idx1) if np.asarray(idx1).dtype == bool else np.asarray(idx1)
             if idx2 is None:
-                idx2 = np.setdiff1d(np.arange(adata.n_obs), idx1)
-            else:
-                idx2 = np.flatnonzero(idx2) if np.asarray(idx2).dtype == bool else np.asarray(idx2)
-            return idx1, idx2, "group1", "group2" if idx2 is not None else "rest"
+                return idx1, np.setdiff1d(np.arange(adata.n_obs), idx1), "group1", "rest"
+            idx2 = np.flatnonzero(idx2) if np.asarray(idx2).dtype == bool else np.asarray(idx2)
+            return idx1, idx2, "group1", "group2"
         if groupby is None or group1 is None:
             raise ValueError("pass groupby= and group1= (and optionally group2=), or idx1= (and idx2=).")
         if groupby not in adata.obs:
