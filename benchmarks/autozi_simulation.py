@@ -3,8 +3,8 @@
 For each share of zero-inflated genes (0, 25, 50, 75, 100%), counts are simulated with
 ``mini_scvi.data.simulate_counts``: 2,000 cells x 200 genes, two cell types, negative-binomial
 counts with inverse dispersions theta_g log-uniform in [5, 50], and on the chosen genes extra
-zeros with a rate drawn uniformly in [0.3, 0.7]. AUTOZI (defaults: Beta(0.5, 0.5) prior, minimal dropout 0.01)
-is trained with lr 1e-2, as in the paper and the tutorial; a gene is called ZI when
+zeros with a rate drawn uniformly in [0.3, 0.7]. AUTOZI (defaults: Beta(0.5, 0.5) prior,
+minimal dropout 0.01) is trained with lr 1e-2, as in the paper and the tutorial; a gene is called ZI when
 q(delta_g < 0.5) > 0.5. Reported: TPR and FPR of the calls for all genes and for genes with mean
 count > 1 (the paper's reliability threshold), ROC AUC of q(delta_g < 0.5), seconds per epoch;
 side by side with scvi-tools' AUTOZI on the same data when scvi-tools is installed (``make bench``).
