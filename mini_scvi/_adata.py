@@ -160,7 +160,10 @@ def library_log_stats(adata: ad.AnnData, registry: dict) -> tuple[np.ndarray, np
 class TensorData:
     """Counts, batch and label codes of one AnnData, served as minibatches of tensors on ``device``.
 
-    Each minibatch is a dict: ``X`` (b, n_genes) float32 counts, ``batch`` and ``labels`` (b,) int64.
+    Each minibatch is a dict: ``X`` (b, n_genes) float32 counts, ``batch`` and ``labels`` (b,) int64,
+    ``log_x_factorial`` (b,) the per-cell sum of log x!, and ``X_nonzero``: the positions of the
+    non-zero counts in ``X.reshape(-1)`` (int64), read off the sparse matrix for free, or ``None``
+    for dense data (the likelihood then finds them itself; chapter 5).
     """
 
     def __init__(self, adata: ad.AnnData, registry: dict, device: torch.device | str = "cpu") -> None:
@@ -170,6 +173,12 @@ class TensorData:
         self.sparse = sp.issparse(X)
         if self.sparse:
             self._csr = sp.csr_matrix(X, dtype=np.float32)  # stays on the host; no dense copy
+            if not self._csr.has_canonical_format or (self._csr.data == 0).any():
+                # the minibatches list the stored entries as the non-zero counts: no duplicates, no
+                # explicit zeros (a copy, so that the caller's matrix is left as it was)
+                self._csr = self._csr.copy()
+                self._csr.sum_duplicates()
+                self._csr.eliminate_zeros()
         else:
             self._dense = torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.device)
         # sum_g log(x_ng!) per cell: it depends on the data alone, so it is computed once here
@@ -202,13 +211,19 @@ class TensorData:
         for start, stop in zip(bounds[:-1], bounds[1:]):
             idx = indices[start:stop]
             if self.sparse:
-                x = torch.from_numpy(csr[start:stop].toarray()).to(self.device, non_blocking=True)
+                rows = csr[start:stop]
+                x = torch.from_numpy(rows.toarray()).to(self.device, non_blocking=True)
+                # row-major positions of the stored entries: row * n_genes + column
+                flat = np.repeat(np.arange(stop - start) * self.n_vars, np.diff(rows.indptr)) + rows.indices
+                nonzero = torch.from_numpy(flat.astype(np.int64)).to(self.device, non_blocking=True)
             else:
                 x = self._dense[torch.as_tensor(idx, device=self.device)]
+                nonzero = None
             tidx = torch.as_tensor(idx, device=self.device)
             yield {
                 "X": x,
                 "batch": self.batch[tidx],
                 "labels": self.labels[tidx],
                 "log_x_factorial": self.log_x_factorial[tidx],
+                "X_nonzero": nonzero,
             }

@@ -211,68 +211,92 @@ def kl_beta(
 
 class _NBMixtureLogProb(torch.autograd.Function):
     """log ZINB(x; mu, theta, sigmoid(zi)) elementwise, or log NB(x; mu, theta) when ``zi`` is None,
-    without the data-only term ``lgamma(x + 1)``. Gradients for mu, theta and zi (not x)."""
+    without the data-only term ``lgamma(x + 1)``. Gradients for mu, theta and zi (not x).
+
+    ``nonzero``: the positions of the non-zero counts in the flattened broadcast shape, when the
+    caller already knows them (the data layer reads them off a sparse matrix); else found here.
+    """
 
     @staticmethod
-    def forward(ctx, x, mu, theta, zi):
+    def forward(ctx, x, mu, theta, zi, nonzero):
         shape = torch.broadcast_shapes(x.shape, mu.shape, theta.shape, *(() if zi is None else (zi.shape,)))
         mu = mu.clamp_min(_tiny(mu))
         theta = theta.clamp_min(_tiny(theta))
-        r = mu / theta
-        log1p_r = torch.log1p(r)
-        log_nb0 = -theta * log1p_r  # log NB(0), every entry
+        log_nb0 = torch.log1p(mu / theta).mul_(-theta)  # log NB(0), every entry
         if zi is None:
             out = log_nb0.expand(shape).clone()
             w = one_minus_pi = None
         else:
-            # log(pi + (1 - pi) NB(0)) = softplus(log NB(0) - zi) - softplus(-zi)
-            t = log_nb0 - zi
-            softplus_t, softplus_neg_zi = F.softplus(t), F.softplus(-zi)
-            out = (softplus_t - softplus_neg_zi).expand(shape).clone()
-            # kept for backward, as exp of what we have (cheaper than two more sigmoids):
-            w = torch.exp(t - softplus_t)  # sigmoid(t): P(an observed zero came from the NB)
-            one_minus_pi = torch.exp(-softplus_neg_zi - zi)  # sigmoid(-zi)
+            # p(0) = pi + (1 - pi) NB(0) as it is written: two sigmoids, an exp and a log cost half
+            # of chapter 4's two softplus, and are as exact unless both terms underflow
+            one_minus_pi = torch.sigmoid(-zi)
+            nb_zero = torch.exp(log_nb0) * one_minus_pi
+            p_zero = torch.sigmoid(zi) + nb_zero
+            if p_zero.min() > _tiny(p_zero) / torch.finfo(p_zero.dtype).eps:
+                out = torch.log(p_zero).expand(shape).contiguous()
+                w = nb_zero.div_(p_zero)  # P(an observed zero came from the NB), for backward
+            else:  # somewhere p(0) is below float precision: the softplus form, slower but exact
+                t = log_nb0 - zi
+                out = (F.softplus(t) - F.softplus(-zi)).expand(shape).contiguous()
+                w = torch.sigmoid(t)
         # where x > 0: log(1 - pi) + log NB(x); lgamma and log only at these entries
-        nz = torch.nonzero(x.expand(shape).reshape(-1)).squeeze(1)
-        xs, ms, ts = (a.expand(shape).reshape(-1)[nz] for a in (x, mu, theta))
-        rest = (torch.lgamma(xs + ts) - torch.lgamma(ts)) + xs * (torch.log(ms) - torch.log(ts + ms))
-        rest += log_nb0.expand(shape).reshape(-1)[nz]
+        nz = torch.nonzero(x.expand(shape).reshape(-1)).squeeze(1) if nonzero is None else nonzero
+
+        def at_nz(a: torch.Tensor) -> torch.Tensor:
+            return a.expand(shape).reshape(-1).take(nz)
+
+        xs, ms, ts = at_nz(x), at_nz(mu), at_nz(theta)
+        # with one theta per gene, lgamma(theta) on the genes and look it up: fewer entries
+        per_gene = theta.numel() < nz.numel()
+        lgamma_ts = at_nz(torch.lgamma(theta)) if per_gene else torch.lgamma(ts)
+        rest = (torch.lgamma(xs + ts) - lgamma_ts) + xs * (torch.log(ms) - torch.log(ts + ms)) + at_nz(log_nb0)
         if zi is not None:
-            rest -= F.softplus(zi.expand(shape).reshape(-1)[nz])  # log(1 - pi)
-        out.view(-1)[nz] = rest
-        ctx.save_for_backward(nz, xs, ms, ts, r, log1p_r, w, one_minus_pi)
-        ctx.shapes = (shape, mu.shape, theta.shape, None if zi is None else zi.shape)
+            rest -= F.softplus(at_nz(zi))  # log(1 - pi)
+        out.view(-1).index_put_((nz,), rest)
+        ctx.save_for_backward(nz, xs, ms, ts, mu, theta, log_nb0, w, one_minus_pi)
+        ctx.shapes = (shape, mu.shape, theta.shape, None if zi is None else zi.shape, per_gene)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        nz, xs, ms, ts, r, log1p_r, w, one_minus_pi = ctx.saved_tensors
-        shape, mu_shape, theta_shape, zi_shape = ctx.shapes
-        # d out / d log NB(0): w at the zeros of a ZINB, 1 everywhere else
-        g_nz = grad.reshape(-1)[nz]
-        d_nb0 = grad.clone() if w is None else grad * w
-        d_nb0.view(-1)[nz] = g_nz
-        # log NB(0) = -theta log1p(mu / theta): d/dmu = -1 / (1 + r), d/dtheta = r / (1 + r) - log1p(r)
-        q = 1.0 / (1.0 + r)
-        d_mu = -d_nb0 * q
-        d_theta = d_nb0 * (r * q - log1p_r)
+        nz, xs, ms, ts, mu, theta, log_nb0, w, one_minus_pi = ctx.saved_tensors
+        shape, mu_shape, theta_shape, zi_shape, per_gene = ctx.shapes
+        grad = grad.expand(shape)
+        g_nz = grad.reshape(-1).take(nz)
+        # d out / d log NB(0): w at the zeros of a ZINB, 1 at the zeros of an NB and where x > 0
+        d_nb0 = (grad.clone() if w is None else grad * w).expand(shape).contiguous()
+        d_nb0.view(-1).index_put_((nz,), g_nz)
+        # log NB(0) = -theta log1p(mu / theta):
+        # d/dmu = -theta / (theta + mu), d/dtheta = mu / (theta + mu) + log NB(0) / theta
+        q = torch.reciprocal(theta + mu)
+        d_mu = (d_nb0 * q).mul_(-theta)
+        d_theta = d_nb0 * q.mul_(mu).add_(log_nb0 / theta)
         # the x > 0 entries add x (log mu - log(theta + mu)) + lgamma(x + theta) - lgamma(theta)
         inv = 1.0 / (ts + ms)
-        d_mu.view(-1)[nz] += g_nz * (xs / ms - xs * inv)
-        d_theta.view(-1)[nz] += g_nz * (torch.digamma(xs + ts) - torch.digamma(ts) - xs * inv)
-        grads = [None, d_mu.sum_to_size(mu_shape), d_theta.sum_to_size(theta_shape), None]
+        d_mu.view(-1).index_put_((nz,), g_nz * (xs / ms - xs * inv), accumulate=True)
+        digamma_ts = torch.digamma(theta).expand(shape).reshape(-1).take(nz) if per_gene else torch.digamma(ts)
+        d_theta.view(-1).index_put_((nz,), g_nz * (torch.digamma(xs + ts) - digamma_ts - xs * inv), accumulate=True)
+        grads = [None, d_mu.sum_to_size(mu_shape), d_theta.sum_to_size(theta_shape), None, None]
         if w is not None:
-            d_zi = grad * (one_minus_pi - w)  # at zeros: (1 - pi) - w
-            d_zi.view(-1)[nz] = g_nz * (one_minus_pi.expand(shape).reshape(-1)[nz] - 1.0)  # x > 0: -pi
+            d_zi = (one_minus_pi - w) * grad  # at zeros: (1 - pi) - w
+            d_zi.view(-1).index_put_((nz,), g_nz * (one_minus_pi.expand(shape).reshape(-1).take(nz) - 1.0))  # x > 0: -pi
             grads[3] = d_zi.sum_to_size(zi_shape)
         return tuple(grads)
 
 
-def nb_log_prob_fast(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """``nb_log_prob(x, mu, theta, include_constant=False)``, faster to train with (chapter 5)."""
-    return _NBMixtureLogProb.apply(x, mu, theta, None)
+def nb_log_prob_fast(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, nonzero: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``nb_log_prob(x, mu, theta, include_constant=False)``, faster to train with (chapter 5).
+
+    ``nonzero``: optional int64 positions of the non-zero counts in the flattened broadcast shape."""
+    return _NBMixtureLogProb.apply(x, mu, theta, None, nonzero)
 
 
-def zinb_log_prob_fast(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:
-    """``zinb_log_prob(x, mu, theta, zi_logits, include_constant=False)``, faster to train with (chapter 5)."""
-    return _NBMixtureLogProb.apply(x, mu, theta, zi_logits)
+def zinb_log_prob_fast(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor, nonzero: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``zinb_log_prob(x, mu, theta, zi_logits, include_constant=False)``, faster to train with (chapter 5).
+
+    ``nonzero``: optional int64 positions of the non-zero counts in the flattened broadcast shape."""
+    return _NBMixtureLogProb.apply(x, mu, theta, zi_logits, nonzero)

@@ -377,3 +377,41 @@ def test_fast_log_prob_all_zero_and_all_nonzero(fn, fill):
     torch.testing.assert_close(a, b)
     for g_fast, g_ref in zip(torch.autograd.grad(a.sum(), params), torch.autograd.grad(b.sum(), params)):
         torch.testing.assert_close(g_fast, g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_zinb_where_p_zero_underflows(dtype):
+    # p(0) = pi + (1 - pi) NB(0) below the smallest float: a very negative zero-inflation logit and
+    # a highly expressed gene with a zero count. The fast path switches to the softplus form there.
+    x = torch.tensor([0.0, 0.0, 4.0, 0.0], dtype=dtype)
+    mu = torch.tensor([1e5, 2.0, 3.0, 1e5], dtype=dtype, requires_grad=True)
+    theta = torch.tensor([1e3, 1.0, 2.0, 1e3], dtype=dtype, requires_grad=True)
+    zi = torch.tensor([-2000.0, 0.5, -1.0, 3.0], dtype=dtype, requires_grad=True)
+    a = zinb_log_prob_fast(x, mu, theta, zi)
+    b = zinb_log_prob(x, mu, theta, zi, include_constant=False)
+    assert torch.isfinite(a).all() and a[0].item() == pytest.approx(-2000.0)  # log(pi), as NB(0) ~ e^-4615
+    torch.testing.assert_close(a, b)
+    for g_fast, g_ref in zip(torch.autograd.grad(a.sum(), (mu, theta, zi)), torch.autograd.grad(b.sum(), (mu, theta, zi))):
+        assert torch.isfinite(g_fast).all()
+        torch.testing.assert_close(g_fast, g_ref)
+
+
+@pytest.mark.parametrize("fn", ["nb", "zinb"])
+def test_fast_log_prob_with_given_nonzero_positions(fn):
+    # the data layer passes the positions of the non-zero counts; the result must not change
+    gen = torch.Generator().manual_seed(1)
+    x = torch.poisson(torch.full((7, 9), 0.4, dtype=torch.float64), generator=gen)
+    mu = (torch.rand(7, 9, dtype=torch.float64, generator=gen) * 4 + 0.1).requires_grad_(True)
+    theta = (torch.rand(9, dtype=torch.float64, generator=gen) + 0.2).requires_grad_(True)
+    zi = torch.randn(7, 9, dtype=torch.float64, generator=gen).requires_grad_(True)
+    nonzero = torch.nonzero(x.reshape(-1)).squeeze(1)
+    assert 0 < len(nonzero) < x.numel()
+    if fn == "nb":
+        given, found, params = nb_log_prob_fast(x, mu, theta, nonzero), nb_log_prob_fast(x, mu, theta), (mu, theta)
+    else:
+        given, found, params = zinb_log_prob_fast(x, mu, theta, zi, nonzero), zinb_log_prob_fast(x, mu, theta, zi), (mu, theta, zi)
+    torch.testing.assert_close(given, found, rtol=0, atol=0)
+    for g1, g2 in zip(torch.autograd.grad(given.sum(), params), torch.autograd.grad(found.sum(), params)):
+        torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda *p: (nb_log_prob_fast(x, *p[:2], nonzero) if fn == "nb"
+                                                else zinb_log_prob_fast(x, *p, nonzero)), params)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -97,11 +98,29 @@ def test_sparse_and_dense_tensordata_yield_identical_batches():
             assert s["X"].dtype == t["X"].dtype == torch.float32
             assert torch.equal(s["X"], t["X"])
             assert torch.equal(s["batch"], t["batch"]) and torch.equal(s["labels"], t["labels"])
+            # the sparse layer lists the non-zero counts; the dense one leaves that to the likelihood
+            assert torch.equal(s["X_nonzero"], torch.nonzero(t["X"].reshape(-1)).squeeze(1))
+            assert t["X_nonzero"] is None
     # the unshuffled batches are exactly the requested rows, in order
     first = next(ds.batches(idx, 16))
     np.testing.assert_array_equal(first["X"].numpy(), d.X[idx[:16]])
     codes = d.obs["batch"].cat.codes.to_numpy()
     np.testing.assert_array_equal(first["batch"].numpy(), codes[idx[:16]])
+
+
+def test_sparse_nonzero_positions_skip_explicit_zeros_and_sum_duplicates():
+    # a CSR matrix with a stored 0 and a duplicated entry: neither may be listed as a count
+    data, indices, indptr = [2.0, 0.0, 1.0, 1.0, 3.0], [0, 2, 1, 1, 3], [0, 2, 4, 5]
+    m = sp.csr_matrix((np.array(data, dtype=np.float32), indices, indptr), shape=(3, 4))
+    before = (m.data.copy(), m.indices.copy())
+    a = ad.AnnData(m)
+    b = next(_tensor_data(a).batches(np.arange(3), 3))
+    dense = torch.tensor([[2.0, 0, 0, 0], [0, 2, 0, 0], [0, 0, 0, 3]])
+    assert torch.equal(b["X"], dense)
+    assert torch.equal(b["X_nonzero"], torch.nonzero(dense.reshape(-1)).squeeze(1))
+    # the caller's matrix is left as it was
+    np.testing.assert_array_equal(a.X.data, before[0])
+    np.testing.assert_array_equal(a.X.indices, before[1])
 
 
 def test_library_log_stats_sparse_dense_and_direct():

@@ -107,12 +107,14 @@ class AutoZIModule(SCVIModule):
         out["delta"] = self._per_cell(delta, batch_index, labels)
         return out
 
-    def log_likelihood(self, x: torch.Tensor, generative_outputs: dict, include_constant: bool = True) -> torch.Tensor:
+    def log_likelihood(
+        self, x: torch.Tensor, generative_outputs: dict, include_constant: bool = True, nonzero: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """log [delta NB(x) + (1 - delta) ZINB(x)] summed over genes: (n,)."""
         g = generative_outputs
         delta = g["delta"].clamp(1e-7, 1 - 1e-7)
-        log_nb = torch.log(delta) + nb_log_prob_fast(x, g["px_rate"], g["px_r"])
-        log_zinb = torch.log1p(-delta) + zinb_log_prob_fast(x, g["px_rate"], g["px_r"], g["px_dropout"])
+        log_nb = torch.log(delta) + nb_log_prob_fast(x, g["px_rate"], g["px_r"], nonzero)
+        log_zinb = torch.log1p(-delta) + zinb_log_prob_fast(x, g["px_rate"], g["px_r"], g["px_dropout"], nonzero)
         ll = torch.logaddexp(log_nb, log_zinb).sum(-1)
         # -log x! is common to both components, so it comes out of the mixture
         return ll - torch.lgamma(x + 1).sum(-1) if include_constant else ll

@@ -153,15 +153,18 @@ class SCVIModule(BaseModule):
             "px_dropout": px_dropout,
         }
 
-    def log_likelihood(self, x: torch.Tensor, generative_outputs: dict, include_constant: bool = True) -> torch.Tensor:
+    def log_likelihood(
+        self, x: torch.Tensor, generative_outputs: dict, include_constant: bool = True, nonzero: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """log p(x | z, l), summed over genes: (n,). The loss passes ``include_constant=False`` and
-        adds the data-only sum of log x! that the data layer precomputed per cell."""
+        adds the data-only sum of log x! that the data layer precomputed per cell, and the
+        positions of the non-zero counts when the data layer has them (``X_nonzero``)."""
         g = generative_outputs
         # the *_fast functions equal zinb_log_prob / nb_log_prob (chapter 4) without the constant
         if self.gene_likelihood == "zinb":
-            ll = zinb_log_prob_fast(x, g["px_rate"], g["px_r"], g["px_dropout"])
+            ll = zinb_log_prob_fast(x, g["px_rate"], g["px_r"], g["px_dropout"], nonzero)
         elif self.gene_likelihood == "nb":
-            ll = nb_log_prob_fast(x, g["px_rate"], g["px_r"])
+            ll = nb_log_prob_fast(x, g["px_rate"], g["px_r"], nonzero)
         else:
             ll = poisson_log_prob(x, g["px_rate"], include_constant=False)
         ll = ll.sum(-1)
@@ -191,7 +194,8 @@ class SCVIModule(BaseModule):
     ) -> LossOutput:
         x = tensors["X"]
         # the data-only term sum_g log x_ng! is precomputed per cell by the data layer
-        reconstruction = tensors["log_x_factorial"] - self.log_likelihood(x, generative_outputs, include_constant=False)
+        log_px = self.log_likelihood(x, generative_outputs, include_constant=False, nonzero=tensors.get("X_nonzero"))
+        reconstruction = tensors["log_x_factorial"] - log_px
         kl_z = kl_normal(inference_outputs["qz_m"], inference_outputs["qz_v"]).sum(-1)
         kl_l = self.kl_library(inference_outputs, tensors["batch"])
         # warm-up weighs only the KL of z, as in scvi-tools
@@ -211,7 +215,7 @@ class SCVIModule(BaseModule):
         weights = []
         for start in range(0, n_mc_samples, chunk):
             s = min(chunk, n_mc_samples - start)
-            rep = {k: v.repeat(s, *([1] * (v.dim() - 1))) for k, v in tensors.items()}
+            rep = {k: tensors[k].repeat(s, *([1] * (tensors[k].dim() - 1))) for k in ("X", "batch", "labels")}
             qz_m, qz_v = inf["qz_m"].repeat(s, 1), inf["qz_v"].repeat(s, 1)
             z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
             log_w = (
