@@ -215,7 +215,7 @@ class TensorData:
                 x = torch.from_numpy(rows.toarray()).to(self.device, non_blocking=True)
                 # row-major positions of the stored entries: row * n_genes + column
                 flat = np.repeat(np.arange(stop - start) * self.n_vars, np.diff(rows.indptr)) + rows.indices
-                nonzero = torch.from_numpy(flat.astype(np.int64)).to(self.device, non_blocking=True)
+                nonzero = torch.from_numpy(flat.astype(np.int64, copy=False)).to(self.device, non_blocking=True)
             else:
                 x = self._dense[torch.as_tensor(idx, device=self.device)]
                 nonzero = None

@@ -209,6 +209,11 @@ def kl_beta(
 # ``zinb_log_prob`` / ``nb_log_prob`` and autograd (tests/test_distributions.py).
 
 
+def _at(a: torch.Tensor, shape: torch.Size, nz: torch.Tensor) -> torch.Tensor:
+    """``a`` broadcast to ``shape``, flattened, at the positions ``nz``: (len(nz),)."""
+    return a.expand(shape).reshape(-1).take(nz)
+
+
 class _NBMixtureLogProb(torch.autograd.Function):
     """log ZINB(x; mu, theta, sigmoid(zi)) elementwise, or log NB(x; mu, theta) when ``zi`` is None,
     without the data-only term ``lgamma(x + 1)``. Gradients for mu, theta and zi (not x).
@@ -241,17 +246,13 @@ class _NBMixtureLogProb(torch.autograd.Function):
                 w = torch.sigmoid(t)
         # where x > 0: log(1 - pi) + log NB(x); lgamma and log only at these entries
         nz = torch.nonzero(x.expand(shape).reshape(-1)).squeeze(1) if nonzero is None else nonzero
-
-        def at_nz(a: torch.Tensor) -> torch.Tensor:
-            return a.expand(shape).reshape(-1).take(nz)
-
-        xs, ms, ts = at_nz(x), at_nz(mu), at_nz(theta)
+        xs, ms, ts = (_at(a, shape, nz) for a in (x, mu, theta))
         # with one theta per gene, lgamma(theta) on the genes and look it up: fewer entries
         per_gene = theta.numel() < nz.numel()
-        lgamma_ts = at_nz(torch.lgamma(theta)) if per_gene else torch.lgamma(ts)
-        rest = (torch.lgamma(xs + ts) - lgamma_ts) + xs * (torch.log(ms) - torch.log(ts + ms)) + at_nz(log_nb0)
+        lgamma_ts = _at(torch.lgamma(theta), shape, nz) if per_gene else torch.lgamma(ts)
+        rest = (torch.lgamma(xs + ts) - lgamma_ts) + xs * (torch.log(ms) - torch.log(ts + ms)) + _at(log_nb0, shape, nz)
         if zi is not None:
-            rest -= F.softplus(at_nz(zi))  # log(1 - pi)
+            rest -= F.softplus(_at(zi, shape, nz))  # log(1 - pi)
         out.view(-1).index_put_((nz,), rest)
         ctx.save_for_backward(nz, xs, ms, ts, mu, theta, log_nb0, w, one_minus_pi)
         ctx.shapes = (shape, mu.shape, theta.shape, None if zi is None else zi.shape, per_gene)
@@ -262,7 +263,7 @@ class _NBMixtureLogProb(torch.autograd.Function):
         nz, xs, ms, ts, mu, theta, log_nb0, w, one_minus_pi = ctx.saved_tensors
         shape, mu_shape, theta_shape, zi_shape, per_gene = ctx.shapes
         grad = grad.expand(shape)
-        g_nz = grad.reshape(-1).take(nz)
+        g_nz = _at(grad, shape, nz)
         # d out / d log NB(0): w at the zeros of a ZINB, 1 at the zeros of an NB and where x > 0
         d_nb0 = (grad.clone() if w is None else grad * w).expand(shape).contiguous()
         d_nb0.view(-1).index_put_((nz,), g_nz)
@@ -274,12 +275,12 @@ class _NBMixtureLogProb(torch.autograd.Function):
         # the x > 0 entries add x (log mu - log(theta + mu)) + lgamma(x + theta) - lgamma(theta)
         inv = 1.0 / (ts + ms)
         d_mu.view(-1).index_put_((nz,), g_nz * (xs / ms - xs * inv), accumulate=True)
-        digamma_ts = torch.digamma(theta).expand(shape).reshape(-1).take(nz) if per_gene else torch.digamma(ts)
+        digamma_ts = _at(torch.digamma(theta), shape, nz) if per_gene else torch.digamma(ts)
         d_theta.view(-1).index_put_((nz,), g_nz * (torch.digamma(xs + ts) - digamma_ts - xs * inv), accumulate=True)
         grads = [None, d_mu.sum_to_size(mu_shape), d_theta.sum_to_size(theta_shape), None, None]
         if w is not None:
             d_zi = (one_minus_pi - w) * grad  # at zeros: (1 - pi) - w
-            d_zi.view(-1).index_put_((nz,), g_nz * (one_minus_pi.expand(shape).reshape(-1).take(nz) - 1.0))  # x > 0: -pi
+            d_zi.view(-1).index_put_((nz,), g_nz * (_at(one_minus_pi, shape, nz) - 1.0))  # x > 0: -pi
             grads[3] = d_zi.sum_to_size(zi_shape)
         return tuple(grads)
 
