@@ -60,6 +60,7 @@ $(BENCH)/.installed: benchmarks/requirements.txt
 bench: $(STAMP) $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/scvi_vs_scvi_tools.py
 	$(BENCH)/bin/python benchmarks/autozi_simulation.py
+	$(BENCH)/bin/python benchmarks/autozi_simulation.py --overdispersion lognormal --out benchmarks/results/autozi_simulation_lognormal
 	$(PY) benchmarks/scale.py
 
 clean:

@@ -172,6 +172,25 @@ def test_simulate_counts_zero_inflation_matches_nb_zero_probability():
     np.testing.assert_allclose(observed[~zi], nb_zero[~zi], atol=0.018)
 
 
+def test_simulate_counts_lognormal_has_the_nb_mean_and_variance():
+    # Poisson log-normal counts with the NB's first two moments: mean mu, variance mu + mu^2 / theta
+    # (one type, no library spread: all cells of a gene share mu); the shape differs: fewer zeros
+    n_cells = 40000
+    kw = dict(n_cells=n_cells, n_genes=20, n_cell_types=1, library_log_sd=0.0, mean_log_expr=1.0,
+              sd_log_expr=0.5, theta=(1.0, 10.0), seed=4)
+    a = simulate_counts(overdispersion="lognormal", **kw)
+    X = np.asarray(a.X)
+    mu, theta = a.var["nb_mean"].to_numpy(), a.var["theta"].to_numpy()
+    np.testing.assert_allclose(X.mean(0), mu, rtol=0.03)
+    np.testing.assert_allclose(X.var(0), mu + mu**2 / theta, rtol=0.15)
+    nb_zero = (theta / (theta + mu)) ** theta
+    assert np.all((X == 0).mean(0) < nb_zero)
+    # the default is the NB, drawn exactly as before the option existed
+    np.testing.assert_array_equal(simulate_counts(**kw).X, simulate_counts(overdispersion="gamma", **kw).X)
+    with pytest.raises(ValueError, match="overdispersion"):
+        simulate_counts(n_cells=10, n_genes=5, overdispersion="poisson")
+
+
 def test_simulate_counts_sparse_equals_dense():
     kw = dict(n_cells=500, n_genes=50, n_batches=2, zi_fraction=0.2, seed=11, chunk_size=128)
     dense = simulate_counts(sparse=False, **kw)
