@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import anndata as ad
 import numpy as np
@@ -85,7 +86,7 @@ def simulate_counts(
     library_log_mean: float = 0.0,
     library_log_sd: float = 0.3,
     theta: tuple[float, float] = (2.0, 20.0),
-    overdispersion: str = "gamma",
+    overdispersion: Literal["gamma", "lognormal"] = "gamma",
     sparse: bool = False,
     chunk_size: int = 10_000,
     seed: int = 0,
