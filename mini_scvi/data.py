@@ -1,7 +1,8 @@
 """Data for the course: the bundled pbmc3k counts and seeded simulators with known ground truth.
 
-Nothing here downloads anything. ``pbmc3k`` reads the copy in the repository's ``data/`` folder
-(chapter 1); ``three_profiles`` is the course's autoencoder toy (chapter 2); ``simulate_counts``
+Nothing here downloads anything. ``pbmc3k`` reads the copy that ships with the package (the
+repository's ``data/`` folder, installed as ``mini_scvi/_data`` in a wheel; chapter 1);
+``pbmc3k_hvg`` is the cells and genes the course trains on; ``three_profiles`` is the course's autoencoder toy (chapter 2); ``simulate_counts``
 draws overdispersed counts with cell types, batches, library sizes, DE genes and zero-inflated
 genes, all returned as ground truth (chapters 5-7 and the tests).
 """
@@ -17,22 +18,34 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+# where the bundled files live: inside the installed package (a wheel), or the repository's data/
+_DATA_DIRS = (Path(__file__).resolve().parent / "_data", Path(__file__).resolve().parents[1] / "data")
+HVG_GENES_FILE = "pbmc3k_hvg_genes.txt"
+
+
+def _bundled(name: str) -> Path:
+    """Path of a file that ships with mini_scvi (the first folder of ``_DATA_DIRS`` that has it)."""
+    for folder in _DATA_DIRS:
+        if (folder / name).exists():
+            return folder / name
+    return _DATA_DIRS[-1] / name  # not found: the error below names the repository's location
 
 
 def pbmc3k(path: str | os.PathLike | None = None) -> ad.AnnData:
     """Load 2,700 PBMCs x 32,738 genes of raw 10x UMI counts with ``obs['cell_type']`` (chapter 1).
 
-    The file ships with the repository (``data/pbmc3k.h5ad``); set ``MINI_SCVI_DATA`` or pass
-    ``path`` to read it from somewhere else. ``X`` is a CSR matrix of integer counts.
+    The file ships with the package (``data/pbmc3k.h5ad`` in the repository); set
+    ``MINI_SCVI_DATA`` or pass ``path`` to read it from somewhere else. ``X`` is a CSR matrix of
+    integer counts. The 62 cells without a ``cell_type`` are the ones that fail the usual quality
+    control (chapter 1).
     """
-    path = Path(path or os.environ.get("MINI_SCVI_DATA", _DATA_DIR / "pbmc3k.h5ad"))
+    path = Path(path or os.environ.get("MINI_SCVI_DATA", _bundled("pbmc3k.h5ad")))
     if path.is_dir():
         path = path / "pbmc3k.h5ad"
     if not path.exists():
         raise FileNotFoundError(
             f"pbmc3k counts not found at {path}. The file ships with the repository in data/; "
-            "run from a full clone, or set MINI_SCVI_DATA to the folder or file that holds pbmc3k.h5ad."
+            "reinstall mini_scvi (pip install .) or run from a full clone, or set MINI_SCVI_DATA to the folder or file that holds pbmc3k.h5ad."
         )
     adata = ad.read_h5ad(path)
     if not sp.issparse(adata.X):
@@ -178,22 +191,59 @@ def simulate_counts(
     return adata
 
 
-def pbmc3k_hvg(n_top_genes: int = 1200, min_genes: int = 200, min_cells: int = 3) -> ad.AnnData:
-    """pbmc3k as the course trains on it (chapters 2-8 and the benchmarks).
+def select_hvg(adata: ad.AnnData, n_top_genes: int = 1200) -> pd.Index:
+    """Names of the ``n_top_genes`` most variable genes of raw counts (scanpy's ``seurat_v3``; chapter 1).
 
-    Cells with at least ``min_genes`` detected genes, genes detected in at least ``min_cells``
-    cells, then the ``n_top_genes`` highly variable genes (scanpy's 'seurat' flavor, computed on a
-    log-normalized copy). ``X`` and ``layers['counts']`` hold the raw counts of those genes.
+    The flavor scvi-tools' tutorials use: a variance-stabilizing fit of variance against mean on
+    the counts themselves, so no log-normalization decides which genes count as variable.
+    Returned in the order of ``adata.var_names``.
     """
-    import scanpy as sc  # imported here: scanpy is slow to import and only this function needs it
+    import scanpy as sc  # imported here: scanpy is slow to import and only these functions need it
+
+    hvg = sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat_v3", inplace=False)
+    return pd.Index(adata.var_names[hvg["highly_variable"].to_numpy()])
+
+
+def stored_hvg_genes() -> list[str]:
+    """The course's 1,200 genes, as stored in ``data/pbmc3k_hvg_genes.txt`` (one name per line)."""
+    path = _bundled(HVG_GENES_FILE)
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def pbmc3k_qc(min_cells: int = 3) -> ad.AnnData:
+    """The 2,638 cells of pbmc3k that pass quality control and carry a cell type, on the genes
+    detected in at least ``min_cells`` of them (chapter 1). Raw counts in ``X``."""
+    import scanpy as sc
 
     adata = pbmc3k()
-    sc.pp.filter_cells(adata, min_genes=min_genes)
+    adata = adata[adata.obs["cell_type"].notna().to_numpy()].copy()
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.remove_unused_categories()
     sc.pp.filter_genes(adata, min_cells=min_cells)
-    lognorm = adata.copy()
-    sc.pp.normalize_total(lognorm, target_sum=1e4)
-    sc.pp.log1p(lognorm)
-    sc.pp.highly_variable_genes(lognorm, n_top_genes=n_top_genes, flavor="seurat")
-    adata = adata[:, lognorm.var["highly_variable"].to_numpy()].copy()
+    return adata
+
+
+def pbmc3k_hvg(n_top_genes: int = 1200, recompute: bool = False) -> ad.AnnData:
+    """pbmc3k as the course trains on it (chapters 2-8, ``make models`` and the benchmarks).
+
+    The 2,638 QC'd, labelled cells of :func:`pbmc3k_qc` and ``n_top_genes`` highly variable genes
+    selected on counts (:func:`select_hvg`). For the default 1,200 the genes are read from the list
+    stored with the package, so every machine trains and loads on the same genes (an HVG ranking
+    can flip at its boundary from one machine to another); ``recompute=True`` (or another
+    ``n_top_genes``) selects them afresh. ``X`` and ``layers['counts']`` hold the raw counts.
+    """
+    adata = pbmc3k_qc()
+    if n_top_genes < 1:
+        raise ValueError(f"n_top_genes must be at least 1, got {n_top_genes}")
+    stored = stored_hvg_genes()
+    if n_top_genes == len(stored) and not recompute:
+        genes = pd.Index(stored)
+        missing = genes.difference(adata.var_names)
+        if len(missing):
+            raise ValueError(f"{len(missing)} stored HVG genes are not in pbmc3k (e.g. {list(missing[:3])}): "
+                             f"the file {HVG_GENES_FILE} does not belong to this data set.")
+        genes = adata.var_names[adata.var_names.isin(genes)]  # keep the data's gene order
+    else:
+        genes = select_hvg(adata, n_top_genes)
+    adata = adata[:, genes].copy()
     adata.layers["counts"] = adata.X.copy()
     return adata
