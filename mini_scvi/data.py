@@ -222,6 +222,17 @@ def pbmc3k_qc(min_cells: int = 3) -> ad.AnnData:
     return adata
 
 
+def held_out(n_obs: int, fraction: float = 0.1, seed: int = 0) -> np.ndarray:
+    """(n_obs,) bool mask of a seeded random ``fraction`` of cells kept aside for evaluation.
+
+    Drawn with NumPy's generator from ``seed`` alone, so it is the same on every machine: the
+    stored models (``make models``) are trained on the other cells and scored on these.
+    """
+    mask = np.zeros(n_obs, dtype=bool)
+    mask[np.random.default_rng(seed).choice(n_obs, size=int(n_obs * fraction), replace=False)] = True
+    return mask
+
+
 def pbmc3k_hvg(n_top_genes: int = 1200, recompute: bool = False) -> ad.AnnData:
     """pbmc3k as the course trains on it (chapters 2-8, ``make models`` and the benchmarks).
 
@@ -246,4 +257,6 @@ def pbmc3k_hvg(n_top_genes: int = 1200, recompute: bool = False) -> ad.AnnData:
         genes = select_hvg(adata, n_top_genes)
     adata = adata[:, genes].copy()
     adata.layers["counts"] = adata.X.copy()
+    adata.obs["split"] = pd.Categorical(np.where(held_out(adata.n_obs), "held out", "train"),
+                                        categories=["train", "held out"])
     return adata
