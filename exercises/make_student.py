@@ -13,7 +13,7 @@ book) is dropped from solution cells, and ``# NBVAL_CHECK_OUTPUT`` lines are rem
 
 Usage (from the repository root)::
 
-    python exercises/make_student.py exercises student        # student notebooks + checks.py
+    python exercises/make_student.py exercises student        # student notebooks + checks/
     python exercises/make_student.py --book _build/student_src  # book sources without solutions
     python exercises/make_student.py --grade SUBMITTED.ipynb exercises/ex04_count_likelihoods.ipynb
 
@@ -45,7 +45,7 @@ ANSWER_STUB = "answer = None  # your answer"
 TEXT_STUB = "YOUR ANSWER HERE"
 NBVAL_MARK = "# NBVAL_CHECK_OUTPUT"
 FOLD_TAGS = {"hide-input", "hide-cell", "remove-input", "remove-cell"}  # tags that hide solutions in the book
-FILES_FOR_STUDENTS = ["checks.py"]  # what the notebooks import from their own folder
+FILES_FOR_STUDENTS = ["checks"]  # what the notebooks import from their own folder (a package)
 BOOK_MARKER = ".made_by_make_student"  # --book refuses to overwrite a folder that lacks it
 
 _ANSWER_LINE = re.compile(r"^\s*answer\s*=")
@@ -130,7 +130,7 @@ def student_notebook(nb: nbformat.NotebookNode, name: str = "notebook") -> nbfor
 
 
 def make_student_dir(src: Path, out: Path) -> list[Path]:
-    """Write the student version of every exercise notebook of ``src`` (and checks.py) into ``out``."""
+    """Write the student version of every exercise notebook of ``src`` (and the checks package) into ``out``."""
     src, out = Path(src), Path(out)
     notebooks = sorted(src.glob("ex*.ipynb"))
     if not notebooks:
@@ -145,7 +145,12 @@ def make_student_dir(src: Path, out: Path) -> list[Path]:
         nbformat.write(student, target)
         written.append(target)
     for name in FILES_FOR_STUDENTS:
-        if (src / name).exists():
+        if (src / name).is_dir():
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+            shutil.copytree(src / name, out / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            written.append(out / name)
+        elif (src / name).exists():
             shutil.copy2(src / name, out / name)
             written.append(out / name)
     return written
@@ -164,7 +169,7 @@ def make_book_sources(out: Path, root: Path = ROOT) -> Path:
       excluded from execution (they are shipped unexecuted); chapters are executed as usual and share
       the main build's execution cache (``_build/.jupyter_cache``), so a built book makes this fast;
     * ``_toc.yml`` and ``book/``: copied;
-    * ``exercises/``: the student notebooks and checks.py;
+    * ``exercises/``: the student notebooks and the checks package;
     * everything else at the top level (``mini_scvi/`` for literalinclude, ``data/``, ...): symlinked.
     """
     import yaml

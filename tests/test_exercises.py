@@ -38,15 +38,21 @@ MARKERS = ["### BEGIN SOLUTION", "### END SOLUTION", "### BEGIN HIDDEN TESTS", "
 
 
 def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
+    """Import a module, or a package when ``path`` is a folder, from its file(s)."""
+    if path.is_dir():
+        spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
+                                                      submodule_search_locations=[str(path)])
+    else:
+        spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-checks = _load("checks", EX / "checks.py")
+checks = _load("checks", EX / "checks")
 make_student = _load("make_student", EX / "make_student.py")
+CHECK_FILES = sorted((EX / "checks").glob("*.py"))
 
 
 # --------------------------------------------------------------------------- correct implementations
@@ -735,7 +741,7 @@ def test_each_question_has_exactly_one_right_answer(question, capsys):
 
 
 def test_answers_are_not_stored_in_plain_text():
-    text = (EX / "checks.py").read_text()
+    text = "\n".join(path.read_text() for path in CHECK_FILES)
     for question, (options, digest, _) in checks._QUESTIONS.items():
         assert len(digest) == 64
         assert f'"{question}": "' not in text and f"'{question}': '" not in text
@@ -831,7 +837,8 @@ def test_student_notebook_has_no_solutions(student_dir, name):
             else:
                 assert s_cell.source.rstrip().endswith("raise NotImplementedError()")
                 assert '"""' in s_cell.source  # the docstring with the shapes stays
-    assert (student_dir / "checks.py").read_text() == (EX / "checks.py").read_text()
+    for path in CHECK_FILES:  # the whole checks package, unchanged
+        assert (student_dir / "checks" / path.name).read_text() == path.read_text()
 
 
 def test_strip_source_keeps_indentation_and_rejects_bad_markers():
@@ -938,7 +945,7 @@ def test_book_sources_have_no_solutions(tmp_path):
     for path in (out / "exercises").glob("*.ipynb"):
         text = path.read_text()
         assert "### BEGIN" not in text and "### END" not in text
-    assert (out / "exercises" / "checks.py").exists()
+    assert (out / "exercises" / "checks" / "__init__.py").exists()
     make_student.main(["--book", str(out)])  # running it again replaces its own output
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("x")
