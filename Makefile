@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 BENCH  := .venv-bench
 export PYTHONHASHSEED := 0
 
-.PHONY: help venv test test-unit test-notebooks test-portable models book book-student student check-site bench clean
+.PHONY: help venv test test-unit test-notebooks test-portable models book book-student student check-site lab bench clean
 
 help:
 	@echo "make book          build the Jupyter Book (executes every chapter on CPU) into _build/html"
@@ -18,6 +18,7 @@ help:
 	@echo "make student       write student versions of the exercises (no solutions) into student/"
 	@echo "make book-student  build the book with no solutions into _build/student/_build/html"
 	@echo "make check-site    open every built page in headless Chromium and check math, figures, search"
+	@echo "make lab           JupyterLab on the repository with the venv's kernel, to work through chapters and exercises"
 	@echo "make bench         run the benchmarks against scvi-tools (own venv: .venv-bench)"
 	@echo "make clean         remove .venv, _build and caches"
 
@@ -60,6 +61,14 @@ book-student: $(STAMP)
 
 check-site: $(STAMP)
 	$(PY) tests/site/check_site.py _build/html
+
+# JupyterLab on the repository root (no browser: open the URL it prints). The chapters and exercises
+# ask for the kernel "python3", which in the venv's lab is the venv's own Python; the same
+# interpreter is also installed as "mini_scvi (.venv)" (rewritten each time, so idempotent).
+# As root (a container) it passes --allow-root. Extra options: make lab LAB_ARGS="--port 8899".
+lab: $(STAMP)
+	$(PY) -m ipykernel install --sys-prefix --name mini_scvi --display-name "mini_scvi (.venv)"
+	$(VENV)/bin/jupyter lab --no-browser --ServerApp.root_dir="$(CURDIR)" $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 $(BENCH)/.installed: benchmarks/requirements.txt
 	test -x $(BENCH)/bin/python || python3 -m venv $(BENCH)
