@@ -31,8 +31,9 @@ def check_log_normalize(log_normalize: Callable) -> None:
     """``log_normalize(x, target_sum=1e4)``: (n_cells, n_genes) counts -> same shape, against
     ``mini_scvi.model.ae.log_normalize``."""
     name = "log_normalize"
-    hint = ("divide each cell (row) by its own total count, the sum over genes (the last axis), "
-            "multiply by target_sum, then take log(1 + .).")
+    hint = ("each cell is rescaled by its own library size before the log: which axis holds one cell's "
+            "genes, and where does target_sum enter? (the statement; chapter 1, 'Library size and genes "
+            "detected')")
     g = _rng()
     cases = []
     # typical UMI counts: many zeros, a few large values
@@ -57,7 +58,8 @@ def check_log_normalize(log_normalize: Callable) -> None:
         expected = _ref_log_normalize(orig, **kwargs)
         if (expected == 0).any() and torch.isinf(out.detach()).any():
             _fail(name, f"-inf where a count is 0 ({where}).",
-                  "log(0) is -inf: that is what the 1 in log(1 + .) is for.")
+                  "a zero count must stay finite after the transform: re-read why the statement adds "
+                  "something inside the log.")
         _compare(name, out, expected, where, hint, rtol=1e-5, atol=1e-5)
     _pass(name, f"matches mini_scvi.model.ae.log_normalize on {len(cases)} inputs "
           "(random, float64, single-gene and very deep cells, one cell, other target sums).")
@@ -77,8 +79,8 @@ def check_ae_forward(ae_forward: Callable) -> None:
     """``ae_forward(x_log, encoder_layers, decoder_layers) -> (z, x_hat)``, against mini_scvi's
     hidden blocks (``mini_scvi.nn.FCLayers`` without batch norm and dropout) and linear read-outs."""
     name = "ae_forward"
-    hint = ("every layer but the last is followed by a ReLU; the last layer of the encoder (the code z) "
-            "and of the decoder (the reconstruction) are left linear. Apply the layers in list order.")
+    hint = ("re-read which layers the statement follows with an activation and which it leaves linear, "
+            "and apply the layers in the order given (chapter 2, 'Encoder, bottleneck, decoder').")
     configs = [  # (n_genes, encoder hidden sizes, n_latent, n_cells)
         (30, (16, 8), 2, 12),
         (30, (), 3, 5),  # a linear autoencoder: one layer each way
@@ -104,10 +106,13 @@ def check_ae_forward(ae_forward: Callable) -> None:
         _check_tensor(name, x_hat, (n_cells, n_genes), x.dtype, "x_hat")
         if (z_ref < 0).any() and (z.detach() >= 0).all():
             _fail(name, f"z has no negative entries {where}.",
-                  "the code z is the output of the encoder's last layer: no activation after it.")
+                  "the code may take any real value: what does an activation after the encoder's last "
+                  "layer do to it?")
         if (x_ref < 0).any() and (x_hat.detach() >= 0).all():
             _fail(name, f"x_hat has no negative entries {where}.",
-                  "the reconstruction is the decoder's last layer: no activation after it.")
+                  "the reconstruction of centred or log data can be negative: what does an activation "
+                  "after the decoder's last layer do to it? (chapter 2, 'The output activation must match the "
+                  "data')")
         _compare(name, z, z_ref, f"in z {where}", hint, rtol=1e-4, atol=1e-5)
         _compare(name, x_hat, x_ref, f"in x_hat {where}", hint, rtol=1e-4, atol=1e-5)
         if n_cells > 1:
@@ -127,7 +132,8 @@ def check_reconstruction_loss(reconstruction_loss: Callable) -> None:
     """``reconstruction_loss(x_log, x_hat) -> (n_cells,)``, against ``AEModule.loss``'s per-cell
     reconstruction term."""
     name = "reconstruction_loss"
-    hint = "square the difference, sum over genes (the last axis) and keep one value per cell."
+    hint = ("one value per cell: which axis holds the genes, and does the loss add up their errors or "
+            "average them? (chapter 2, 'The loss: mean squared error, summed over genes')")
     g = _rng()
     cases = [
         ("on random data", torch.rand(16, 40, generator=g) * 5, torch.randn(16, 40, generator=g)),
@@ -146,7 +152,7 @@ def check_reconstruction_loss(reconstruction_loss: Callable) -> None:
         expected = module.loss({}, {"x_log": orig[0]}, {"x_hat": orig[1]}).reconstruction_loss
         if not _close(out, expected, 1e-5, 1e-6) and _close(out * x_log.shape[1], expected, 1e-5, 1e-6):
             _fail(name, f"wrong values {where}: the result is n_genes times too small.",
-                  "sum over genes, do not average.")
+                  "the loss adds up the genes' errors; nn.MSELoss-style averaging divides by n_genes.")
         _compare(name, out, expected, where, hint)
     _pass(name, f"matches the reconstruction term of mini_scvi's AEModule.loss on {len(cases)} inputs.")
 
@@ -158,8 +164,9 @@ def check_pca_reconstruction(pca_reconstruction: Callable) -> None:
     from sklearn.decomposition import PCA
 
     name = "pca_reconstruction"
-    hint = ("centre each gene (subtract the column means), take the top-k right singular vectors V_k "
-            "of the centred matrix, project (x_c V_k V_k^T) and add the means back.")
+    hint = ("PCA works on centred data: what has to be removed before the SVD and put back after "
+            "projecting, and which singular vectors span the top-k principal directions? (chapter 2, 'The "
+            "linear autoencoder is PCA')")
     g = _rng()
 
     def low_rank(n, p, r, offset, dtype=torch.float64):

@@ -47,31 +47,32 @@ def check_reparameterize(reparameterize: Callable) -> None:
     _check_tensor(name, z, (n, d), mu.dtype, "z")
     if not z.requires_grad:
         _fail(name, "z does not depend on mu and var through the autograd graph.",
-              "build z from mu, the standard deviation and noise by ordinary tensor operations; "
-              "sampling with .sample() or torch.normal(...) cuts the graph.")
+              "the randomness must enter through noise that does not depend on mu and var, so that z stays "
+              "a differentiable function of them; a sampler's .sample() or torch.normal(...) cuts the graph "
+              "(chapter 3, 'The reparameterization trick').")
     eps = ((z - mu) / var.sqrt()).detach()
     if not torch.isfinite(eps).all():
         _fail(name, "z contains nan or inf.")
     col_mean, col_std = eps.mean(0), eps.std(0)
     if (col_mean.abs() > 5 / math.sqrt(n)).any() or ((col_std - 1).abs() > 0.06).any():
         _fail(name, "z does not have mean mu and variance var.",
-              "z = mu + sigma * eps with eps ~ N(0, 1) and sigma the standard deviation, sqrt(var) "
-              "(not var itself).")
+              "standard normal noise must be shifted and scaled into N(mu, var): is the second argument a "
+              "variance, a standard deviation or a log-variance, and which of them scales the noise?")
     corr = torch.corrcoef(eps.T) - torch.eye(d)
     if corr.abs().max() > 0.1:
         _fail(name, "the noise is correlated across latent dimensions.",
-              "draw one independent eps per entry: torch.randn_like(mu).")
+              "every cell and every latent dimension needs noise of its own, independent of the rest.")
     if (eps[: n // 2] - eps[n // 2 :]).abs().max() < 1e-6 or eps.std(1).mean() < 0.5:
         _fail(name, "the noise is shared between cells or dimensions.",
-              "draw one independent eps per entry: torch.randn_like(mu).")
+              "every cell and every latent dimension needs noise of its own, independent of the rest.")
     z.sum().backward()
     if mu.grad is None or var.grad is None:
-        _fail(name, "no gradient reaches mu or var.", "don't detach mu or var, and don't use .sample().")
+        _fail(name, "no gradient reaches mu or var.", "z must be computed from mu and var, not from detached copies or a sampler.")
     if not torch.allclose(mu.grad, torch.ones_like(mu), atol=1e-5):
-        _fail(name, "dz/dmu should be 1 for every entry.", "z = mu + sigma * eps: mu enters additively.")
+        _fail(name, "dz/dmu should be 1 for every entry.", "mu only shifts z.")
     expected_grad = ((z - mu) / (2 * var)).detach()  # d/dvar sqrt(var) * eps = eps / (2 sqrt(var))
     if not torch.allclose(var.grad, expected_grad, rtol=1e-3, atol=1e-5):
-        _fail(name, "dz/dvar is wrong.", "sigma = sqrt(var); the noise eps must not depend on var.")
+        _fail(name, "dz/dvar is wrong.", "var should enter only through the standard deviation, and the noise must not depend on var.")
     z2 = _call(reparameterize, name, mu.detach(), var.detach())
     if torch.equal(z2, z.detach()):
         _fail(name, "two calls return the same z.", "draw fresh noise on every call (no fixed seed inside).")
@@ -90,8 +91,9 @@ def check_kl_standard_normal(kl_standard_normal: Callable) -> None:
     """``kl_standard_normal(mu, var) -> (...,)``: KL(N(mu, var) || N(0, I)) summed over the last axis,
     against ``mini_scvi.distributions.kl_normal(mu, var).sum(-1)``."""
     name = "kl_standard_normal"
-    hint = ("per latent dimension, KL = 1/2 (mu^2 + var - 1 - log var); sum over the latent dimensions "
-            "(the last axis).")
+    hint = ("derive the KL of one latent dimension from E_q[log q(z) - log p(z)], as the statement outlines "
+            "(chapter 3, 'The KL term in closed form'); the dimensions are independent, so their KLs add up "
+            "over the last axis.")
     g = _rng()
     cases = [
         ("on random inputs", torch.randn(32, 10, generator=g), torch.rand(32, 10, generator=g) * 3 + 0.05),
@@ -109,7 +111,7 @@ def check_kl_standard_normal(kl_standard_normal: Callable) -> None:
     _check_tensor(name, out, (3,), torch.float32)
     if not torch.allclose(out.detach(), torch.zeros(3), atol=1e-6):
         _fail(name, "KL(q || p) is not 0 when q = p (mu = 0, var = 1).",
-              "check the constant: 1/2 (mu^2 + var - 1 - log var) vanishes at mu = 0, var = 1.")
+              "a KL is zero when q = p: check the constant terms of your derivation at mu = 0, var = 1.")
     for where, mu, var in cases:
         orig = _clone(mu, var)
         out = _call(kl_standard_normal, name, mu, var)
@@ -159,18 +161,18 @@ def check_vae_loss(vae_loss: Callable) -> None:
         ref = module.loss({}, {"x_log": orig[0], "qz_m": orig[2], "qz_v": orig[3]}, {"x_hat": orig[1]},
                           kl_weight=kl_weight).loss
         if kl_weight == 0.0:
-            hint = ("with kl_weight=0 only the reconstruction term is left: -log N(x_log; x_hat, obs_var), summed "
-                    "over genes, i.e. 1/2 [(x_log - x_hat)^2 / obs_var + log(2 pi obs_var)] per gene; then average "
-                    "over cells.")
+            hint = ("with kl_weight=0 only the reconstruction term is left: the negative log-density of a "
+                    "Gaussian with mean x_hat and variance obs_var, normalizing constant included, for every "
+                    "gene of a cell; then the mean over cells (chapter 3, 'The Gaussian VAE in mini_scvi').")
         elif obs_var == 1.0 and kl_weight == 1.0:
-            hint = ("the reconstruction term passed (the kl_weight=0 case), so look at the KL term: "
-                    "KL(N(qz_m, qz_v) || N(0, I)) summed over latent dimensions, added to the reconstruction of "
-                    "each cell before averaging over cells.")
+            hint = ("the reconstruction term passed (the kl_weight=0 case), so look at the KL term: which sign "
+                    "does it carry in the negative ELBO, and is it taken per cell, like the reconstruction, "
+                    "before the mean over cells? (chapter 3, 'The ELBO, step by step')")
         elif obs_var == 1.0:
-            hint = "kl_weight=0 and kl_weight=1 passed: kl_weight multiplies the KL term only."
+            hint = "kl_weight=0 and kl_weight=1 passed: which term, and only that one, does kl_weight weigh?"
         else:
-            hint = ("obs_var=1 passed: obs_var enters twice, in (x_log - x_hat)^2 / obs_var and in "
-                    "log(2 pi obs_var).")
+            hint = ("obs_var=1 passed, other values fail: the variance of a Gaussian appears in two places of "
+                    "its log-density, the scale of the squared error and the normalizing constant.")
         _compare(name, out, ref, where, hint, rtol=1e-5, atol=1e-5)
     _pass(name, f"matches mini_scvi's VAEModule.loss on {len(cases)} inputs (obs_var 0.1 .. 10, kl_weight 0 .. 1, "
           "one cell, float64, a real forward pass).")

@@ -17,8 +17,8 @@ add_questions({
     "ex04-zeros": (
         "abcd",
         "4275929a87a11abf84826f0a44550d13f0b17c739f2586b533bc137082ed0feb",
-        "compute P(x = 0) under each model: exp(-mu) for the Poisson, (theta / (theta + mu))**theta for the "
-        "negative binomial, and compare both with the observed fraction.",
+        "work out the probability of a zero that each model gives at this mean (chapter 1, 'Zeros: more "
+        "than a Poisson model predicts') and compare both with the observed fraction.",
     ),
 })
 
@@ -70,7 +70,9 @@ def check_log_poisson(log_poisson: Callable) -> None:
     """``log_poisson(x, mu)``: elementwise log Poisson(x; mu), constant included, against
     ``mini_scvi.distributions.poisson_log_prob``."""
     name = "log_poisson"
-    generic = "log p(x) = x log(mu) - mu - log(x!), and log(x!) = lgamma(x + 1)."
+    generic = ("take the log of the Poisson probability term by term, normalizing constant included "
+               "(chapter 4, 'Poisson'); compute the log of a factorial with a log-Gamma function, never the "
+               "factorial itself.")
     g = _rng()
     mu = torch.exp(torch.rand(20, 30, generator=g, dtype=torch.float64) * 13 - 5)
     x = torch.poisson(mu, generator=g)
@@ -87,8 +89,8 @@ def check_log_poisson(log_poisson: Callable) -> None:
         ("in float32", (x.float(), mu.float())),
     ]
     n = _compare_cases(name, log_poisson, _dist.poisson_log_prob, cases,
-                       {"on random counts (float64)": "x in {0, 1} passed, larger counts fail: is the log(x!) "
-                        "term, lgamma(x + 1), there?"}, generic, rtol=1e-6, atol=1e-6,
+                       {"on random counts (float64)": "x in {0, 1} passed, larger counts fail: look at the term "
+                        "that vanishes at x = 0 and x = 1, and at how you compute it."}, generic, rtol=1e-6, atol=1e-6,
                        float32_scale=_poisson_scale)
     _pass(name, f"matches mini_scvi.distributions.poisson_log_prob on {n} inputs "
           "(random, tiny and huge means, large counts, broadcasting, float32).")
@@ -99,9 +101,9 @@ def check_log_nb(log_nb: Callable) -> None:
     """``log_nb(x, mu, theta)``: elementwise log NB(x; mean mu, inverse dispersion theta), constant
     included, against ``mini_scvi.distributions.nb_log_prob``, including float32 at theta >> mu."""
     name = "log_nb"
-    generic = ("log NB = lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) + theta log(theta / (theta + mu)) "
-               "+ x log(mu / (theta + mu)). Is mu the mean and theta the inverse dispersion (not swapped, "
-               "not inverted)?")
+    generic = ("take the log of the NB probability term by term, Gamma functions as log-Gamma (chapter 4, "
+               "'Negative binomial'). Is mu the mean and theta the inverse dispersion (not swapped, not "
+               "inverted)?")
     g = _rng()
     x, mu, theta = _random_counts_params(g, (25, 40))
     d = torch.float64
@@ -117,8 +119,8 @@ def check_log_nb(log_nb: Callable) -> None:
                                                 theta.clamp_max(1e2).float())),
     ]
     n = _compare_cases(name, log_nb, _dist.nb_log_prob, cases[:4],
-                       {"on random counts (float64)": "x = 0 passed, x > 0 fails: check the terms with x, "
-                        "x log(mu / (theta + mu)) + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)."},
+                       {"on random counts (float64)": "x = 0 passed, x > 0 fails: check the terms that depend "
+                        "on x (the ones that vanish at x = 0)."},
                        generic, rtol=1e-7, atol=1e-7)
     n += _compare_cases(name, log_nb, _dist.nb_log_prob, cases[4:], {}, generic, rtol=1e-5, atol=1e-5,
                         float32_scale=_nb_scale)
@@ -130,10 +132,9 @@ def check_log_nb(log_nb: Callable) -> None:
     _check_tensor(name, out, (6,), torch.float32)
     expected = _dist.nb_log_prob(x32.double(), mu32.double(), theta32.double())
     _compare(name, out, expected, "in float32 at x = 0 when theta >> mu (theta up to 1e6, mu down to 1e-3)",
-             "here the exact value is about -mu, a small number, and two things can destroy it in float32. "
-             "(1) theta * log(theta / (theta + mu)): theta + mu rounds to theta; write -theta * log1p(mu / theta). "
-             "(2) adding it to lgamma(x + theta) (about 1e6) before subtracting lgamma(theta) rounds it away; "
-             "compute (lgamma(x + theta) - lgamma(theta)) first.", rtol=1e-3, atol=0.0)
+             "here the exact value is about -mu, a small number, and float32 loses it in two ways: cancellation "
+             "when theta + mu rounds to theta, and a small term added to a huge one before the huge ones cancel. "
+             "Chapter 4, 'Trap 2: cancellation', shows the stable form.", rtol=1e-3, atol=0.0)
     _pass(name, f"matches mini_scvi.distributions.nb_log_prob on {n + 1} inputs (random, extreme mu and theta, "
           "per-gene theta, float32 including theta >> mu).")
 
@@ -143,8 +144,9 @@ def check_log_zinb(log_zinb: Callable) -> None:
     """``log_zinb(x, mu, theta, zi_logits)``: elementwise log ZINB, against
     ``mini_scvi.distributions.zinb_log_prob``, including extreme logits in float32."""
     name = "log_zinb"
-    generic = ("with pi = sigmoid(zi_logits): log p(0) = log(pi + (1 - pi) NB(0)) and "
-               "log p(x > 0) = log(1 - pi) + log NB(x).")
+    generic = ("a ZINB count is an extra zero with probability sigmoid(zi_logits), and an NB draw otherwise: "
+               "a zero can come from either source, a positive count only from the NB (chapter 4, "
+               "'Zero-inflated negative binomial').")
     g = _rng()
     x, mu, theta = _random_counts_params(g, (25, 40))
     logits = torch.rand(25, 40, generator=g, dtype=torch.float64) * 10 - 5
@@ -157,10 +159,9 @@ def check_log_zinb(log_zinb: Callable) -> None:
         ("with zi_logits of shape (n_genes,)", (x[:, :6], mu[:, :6], theta[:, :6], logits[0, :6])),
     ]
     hints = {
-        "at x > 0 (float64)": "for x > 0 only the NB part, scaled by (1 - pi), remains: log(1 - pi) + log NB(x); "
-                              "log(1 - sigmoid(l)) = -softplus(l).",
-        "at x = 0 (float64)": "x > 0 passed; at x = 0 the probability is pi + (1 - pi) NB(0): the extra zeros "
-                              "plus the NB's own zeros.",
+        "at x > 0 (float64)": "for x > 0 only the NB source can have produced the count: how likely was it "
+                              "not to be an extra zero?",
+        "at x = 0 (float64)": "x > 0 passed; at x = 0 the two sources of zeros add up.",
     }
     n = _compare_cases(name, log_zinb, _dist.zinb_log_prob, cases, hints, generic, rtol=1e-7, atol=1e-7)
     # extremes in float32: |logits| up to 100, NB(0) down to exp(-700)
@@ -172,9 +173,9 @@ def check_log_zinb(log_zinb: Callable) -> None:
     _check_tensor(name, out, (9,), torch.float32)
     expected = _dist.zinb_log_prob(x32.double(), mu32.double(), th32.double(), l32.double())
     _compare(name, out, expected, "in float32 for extreme zi_logits (+-60, +-100) and tiny NB(0)",
-             "log(sigmoid(l)) and log(1 - sigmoid(l)) overflow or give log(0) at large |l|. Use softplus: "
-             "log(sigmoid(l)) = -softplus(-l), log(1 - sigmoid(l)) = -softplus(l), and for x = 0 "
-             "log(pi + (1 - pi) NB(0)) = softplus(log NB(0) - l) - softplus(-l).", rtol=1e-4,
+             "at large |zi_logits| the sigmoid rounds to 0 or 1 and its log to -inf: work with the logits in "
+             "log space (softplus) and never form the probabilities (chapter 4, 'Trap 3: the zero case of "
+             "the ZINB').", rtol=1e-4,
              atol=1e-4 + 64 * _EPS32 * (_nb_scale(x32.double(), mu32.double(), th32.double()) + l32.double().abs()))
     _pass(name, f"matches mini_scvi.distributions.zinb_log_prob on {n + 1} inputs (both branches, "
           "per-gene logits, float32 with extreme logits).")
@@ -216,18 +217,19 @@ def check_sample_nb(sample_nb: Callable) -> None:
     if bad_mean:
         pairs = ", ".join(f"(mu={mu[i].item():g}, theta={theta[i].item():g})" for i in bad_mean)
         _fail(name, f"the sample mean is not mu for {pairs}.",
-              "the Gamma rate should have mean mu: shape theta and rate theta / mu (torch's Gamma takes a "
-              "rate, numpy's a scale).")
+              "the Gamma-distributed rate must have mean mu and shape theta: check how torch's Gamma is "
+              "parameterized (a rate, where numpy takes a scale) and what its mean is.")
     bad_var = ((var - exp_var).abs() > 6 * se_var + 0.02 * exp_var).nonzero().flatten().tolist()
     if bad_var:
         pairs = ", ".join(f"(mu={mu[i].item():g}, theta={theta[i].item():g})" for i in bad_var)
-        _fail(name, f"the sample variance is not mu + mu^2 / theta for {pairs}.",
-              "a Poisson alone has variance mu; the Gamma-distributed rate adds mu^2 / theta.")
+        _fail(name, f"the sample variance is not the NB's variance for {pairs}.",
+              "a Poisson alone has variance mu: the extra variance comes from letting the rate itself vary "
+              "from draw to draw (chapter 1, 'How noisy is a count?').")
     bad_p0 = ((p0 - exp_p0).abs() > 5 * se_p0 + 1e-3).nonzero().flatten().tolist()
     if bad_p0:
         pairs = ", ".join(f"(mu={mu[i].item():g}, theta={theta[i].item():g})" for i in bad_p0)
         _fail(name, f"the fraction of zeros is not NB(0; mu, theta) for {pairs}.",
-              "sample the rate from a Gamma, then the count from a Poisson with that rate.")
+              "the NB is a Gamma-Poisson mixture: a random rate first, then a count given that rate.")
     m2 = torch.tensor([[1.0, 10.0], [100.0, 0.3]])
     x2 = _call(sample_nb, name, m2, torch.tensor([[2.0, 2.0], [2.0, 2.0]]), 3)
     if not isinstance(x2, torch.Tensor) or tuple(x2.shape) != (3, 2, 2):

@@ -46,9 +46,9 @@ def check_library_prior(library_prior: Callable) -> None:
     """``library_prior(counts, batch, n_batch) -> (means, variances)``, each (n_batch,), against
     ``mini_scvi._adata.library_log_stats``."""
     name = "library_prior"
-    hint = ("for each batch b: take log(total count) of every cell of b, then their mean and their "
-            "variance (np.var, which divides by the number of cells); a batch of one cell gets variance 1, "
-            "and every variance is at least 1e-4.")
+    hint = ("the prior of a batch is fitted to the log library sizes of that batch's cells alone (an "
+            "empirical Bayes prior, chapter 5, 'Library size: observed or learned'); the statement's "
+            "variance divides by the number of cells, and its two rules cover a one-cell batch and the floor.")
     rs = np.random.default_rng(_SEED)
 
     def counts_for(n, g, depth):
@@ -80,13 +80,13 @@ def check_library_prior(library_prior: Callable) -> None:
         variances = _check_array(name, variances, (n_batch,), "variances")
         ref_m, ref_v = _ref_library_prior(orig, batch, n_batch)
         _compare_np(name, means, ref_m, f"in the means {where}",
-                    "the prior is on the log library: average log(total) over the cells of the batch, "
-                    "not log of the average total.", rtol=1e-5, atol=1e-5)
+                    "the prior is on the log of each cell's library size: the mean of the logs is not the log "
+                    "of the mean (Jensen).", rtol=1e-5, atol=1e-5)
         h = hint
         if "single cell" in where:
-            h = "one cell has no spread to measure: give that batch variance 1 (a vague prior)."
+            h = "one cell has no spread to measure: re-read the statement's rule for such a batch."
         elif "same total" in where:
-            h = "a variance of 0 would make the prior a point mass: floor every variance at 1e-4."
+            h = "a variance of 0 would make the prior a point mass: re-read the statement's floor."
         _compare_np(name, variances, ref_v, f"in the variances {where}", h, rtol=1e-4, atol=1e-6)
     _pass(name, f"matches mini_scvi's library_log_stats on {len(cases)} data sets (1 to 5 batches, a one-cell "
           "batch, equal totals, float32).")
@@ -99,9 +99,9 @@ def check_kl_library(kl_library: Callable) -> None:
     from mini_scvi.model.scvi import SCVIModule
 
     name = "kl_library"
-    hint = ("pick each cell's prior with prior_means[batch_index] and prior_vars[batch_index]; then "
-            "KL(N(m, v) || N(m_b, v_b)) = 1/2 [log(v_b / v) + (v + (m - m_b)^2) / v_b - 1], summed over the "
-            "last axis (of size 1).")
+    hint = ("this is chapter 3's Gaussian KL with a prior that is no longer standard: each cell is compared "
+            "with the prior of its own batch (index the priors by batch_index), and the result is summed "
+            "over the last axis. Derive it from E_q[log q - log p] if the closed form is not at hand.")
     g = _rng()
     n_batch = 3
     prior_m = torch.tensor([6.5, 8.0, 7.2])
@@ -185,17 +185,17 @@ def check_scvi_generative(scvi_generative: Callable) -> None:
             expected = manual(*orig)
         if torch.isnan(rho.detach()).any():
             _fail(name, f"rho contains nan {where}.",
-                  "exp(logits) overflows for large logits: use torch.softmax, which subtracts the maximum first.")
+                  "exponentiating large logits overflows: use a softmax that stays finite for large inputs.")
         if not torch.allclose(rho.detach().double().sum(-1), torch.ones(lg.shape[0], dtype=torch.float64), atol=1e-4):
             _fail(name, f"the rows of rho do not sum to 1 {where}.",
-                  "rho is a vector of expression frequencies per cell: softmax over genes, the last axis.")
-        _compare(name, rho, expected[0], f"in rho {where}", "rho = softmax(scale_logits) over genes.",
+                  "rho holds expression frequencies, one vector per cell: along which axis must they sum to 1?")
+        _compare(name, rho, expected[0], f"in rho {where}", "rho turns the decoder's logits into frequencies over genes (chapter 5, 'The generative model').",
                  rtol=1e-4, atol=1e-7)
         _compare(name, mu, expected[1], f"in mu {where}",
-                 "library holds the LOG library size: mu = exp(library) * rho, with library of shape "
-                 "(n_cells, 1) broadcast over genes.", rtol=1e-4, atol=1e-6)
+                 "library holds the LOG of the library size, one value per cell: the mean count scales the "
+                 "frequencies by the library size itself.", rtol=1e-4, atol=1e-6)
         _compare(name, theta, expected[2], f"in theta {where}",
-                 "px_r is log theta (a free parameter, so that theta stays positive): theta = exp(px_r).",
+                 "px_r is a free parameter on the log scale, so that theta stays positive whatever its value.",
                  rtol=1e-5, atol=1e-7)
     _pass(name, f"matches SCVIModule.generative on {len(cases)} inputs (a real decoder, huge logits, "
           "library 1, float64).")
@@ -223,7 +223,7 @@ def check_scvi_loss(scvi_loss: Callable) -> None:
         ("observed library", SCVIModule(n_input=g_, n_batch=2, n_hidden=16, n_latent=3)),
     ]
     n_checked = 0
-    for label, module in modules:
+    for label, module in reversed(modules):  # the observed library first: its kl_weight=0 case tests the reconstruction alone
         module.eval()
         with torch.no_grad():
             inf = module.inference(x, batch)
@@ -240,14 +240,15 @@ def check_scvi_loss(scvi_loss: Callable) -> None:
             _check_unchanged(name, orig, args)
             _check_tensor(name, out, (n,), x.dtype, "the loss per cell")
             if kl_weight == 0.0 and label == "observed library":
-                hint = ("with kl_weight=0 and an observed library only the reconstruction is left: "
-                        "-log ZINB(x; mu, theta, zi_logits), constant log x! included, summed over genes.")
+                hint = ("with kl_weight=0 and an observed library only the reconstruction is left: the negative "
+                        "ZINB log-likelihood of all the cell's counts, normalizing constant included.")
             elif kl_weight == 0.0:
-                hint = ("the reconstruction passed with the observed library; with kl_weight=0, KL_l still "
-                        "counts in full: the warm-up weighs only the KL of z.")
+                hint = ("the reconstruction passed with the observed library: re-read which KL term the warm-up "
+                        "weighs and which one always counts in full (chapter 5, 'Training: the ELBO with KL "
+                        "warm-up').")
             else:
-                hint = ("kl_weight multiplies KL(q(z | x) || N(0, I)) (summed over latent dimensions) and nothing "
-                        "else: loss = -log p(x | z, l) + kl_weight * KL_z + KL_l.")
+                hint = ("which term, and only that one, does kl_weight multiply, and is that KL taken over all "
+                        "latent dimensions? (chapter 5, 'Training: the ELBO with KL warm-up')")
             _compare(name, out, expected, where, hint, rtol=1e-5, atol=1e-3)
             if not torch.allclose(out.detach().mean(), ref.loss, rtol=1e-5, atol=1e-3):
                 _fail(name, f"the mean over cells is not SCVIModule.loss {where}.", hint)

@@ -60,10 +60,13 @@ def check_de_probabilities(de_probabilities: Callable) -> None:
         ("vanilla, for one posterior sample", rho1[:1], rho2[:1], "vanilla", 0.25, 1e-4),
     ]
     hints = {
-        "vanilla": "proba = the fraction of samples with rho1 > rho2 (strictly), one value per gene (mean over "
-                   "axis 0); bayes_factor = log(p + eps) - log(1 - p + eps) with eps = 1e-8.",
-        "change": "lfc = log2(rho1 + pseudocount) - log2(rho2 + pseudocount) per sample; proba = fraction of "
-                  "samples with |lfc| >= delta; bayes_factor = log(p + eps) - log(1 - p + eps).",
+        "vanilla": "the probability of H1 is estimated by how often H1 holds among the paired posterior "
+                   "samples (they run along axis 0), one value per gene; the Bayes factor is the log posterior "
+                   "odds, kept finite as the statement says (chapter 6, 'Two hypotheses, decided by posterior "
+                   "samples').",
+        "change": "the change hypothesis is about the size of the log2 fold change, sample by sample: how often "
+                  "is it at least delta? The Bayes factor is the log posterior odds, kept finite as the "
+                  "statement says (chapter 6, 'Change mode, the FDR, and a volcano plot').",
     }
     for where, r1, r2, mode, delta, pc in cases:
         o1, o2 = r1.copy(), r2.copy()
@@ -76,11 +79,12 @@ def check_de_probabilities(de_probabilities: Callable) -> None:
         ref_p, ref_bf = _ref_de(o1, o2, mode, delta, pc)
         hint = hints[mode]
         if "pseudocount" in where:
-            hint = "add the pseudocount to rho1 and rho2 before taking log2."
+            hint = "tiny frequencies make the log fold change explode: re-read where the pseudocount goes."
         _compare_np(name, p, ref_p, f"in proba ({where})", hint, rtol=1e-9, atol=1e-9)
         if not np.isfinite(bf).all():
             _fail(name, f"bayes_factor is infinite ({where}).",
-                  "when p is 0 or 1, log(p) or log(1 - p) is infinite: add eps = 1e-8 inside each log.")
+                  "when all samples agree (p = 0 or 1) the log odds are infinite: re-read how the statement "
+                  "keeps them finite.")
         _compare_np(name, bf, ref_bf, f"in bayes_factor ({where})", hints[mode], rtol=1e-6, atol=1e-6)
     _pass(name, f"matches the formulas of SCVI.differential_expression on {len(cases)} inputs (vanilla and "
           "change modes, p = 0 and 1, ties, tiny rho, other delta and pseudocount).")
@@ -91,8 +95,9 @@ def check_log_marginal(log_marginal: Callable) -> None:
     """``log_marginal(log_w) -> (n_cells,)``: the importance-sampling estimate logsumexp_s(log_w) - log S,
     against a direct float64 computation; also checks that it is >= the mean log-weight."""
     name = "log_marginal"
-    hint = ("log p(x) ~ log (1/S) sum_s exp(log_w_s) = logsumexp over the samples (axis 0) minus log S. "
-            "Use torch.logsumexp: exp(log_w) underflows for log-weights of -1000.")
+    hint = ("importance sampling averages the weights over the samples (axis 0), and with weights like "
+            "e^-1000, which are 0 in floating point, that average has to be taken without leaving log space "
+            "(chapter 6, 'Estimating log p(x) by importance sampling').")
     g = _rng()
     cases = [
         ("on random log-weights", torch.randn(100, 8, generator=g) * 3 - 50),
@@ -110,10 +115,12 @@ def check_log_marginal(log_marginal: Callable) -> None:
         ref = torch.logsumexp(orig.double(), 0) - math.log(orig.shape[0])
         if (out.detach().double() < orig.double().mean(0) - 1e-3).any():
             _fail(name, f"the estimate is below the mean log-weight (the ELBO) {where}.",
-                  "by Jensen, log mean exp(w) >= mean w: average the weights, not their logs.")
+                  "the average of the log-weights is the ELBO, a lower bound (Jensen): the estimate averages "
+                  "the weights themselves.")
         h = hint
         if "equal" in where or "single" in where:
-            h = "with equal weights the average of exp(w) is exp(w): do you subtract log S (not log of something else)?"
+            h = ("with equal weights the average weight equals each weight: check how a sum of S weights "
+                 "becomes their average.")
         _compare(name, out, ref, where, h, rtol=1e-6, atol=2e-3 if log_w.dtype == torch.float32 else 1e-8)
     _pass(name, f"matches logsumexp - log S on {len(cases)} inputs (log-weights from -5000 to +500, S = 1, "
           "equal weights, float64), and is never below the ELBO.")
@@ -132,9 +139,10 @@ def check_fdr_select(fdr_select: Callable) -> None:
     """``fdr_select(proba_de, fdr_target) -> bool (n_genes,)``: the posterior-expected-FDR rule of
     ``SCVI.differential_expression``, in the input's gene order."""
     name = "fdr_select"
-    hint = ("sort the genes by proba_de, largest first; the expected FDR of the top k is the mean of "
-            "(1 - proba_de) over those k genes; keep the genes in the longest top list whose expected FDR is "
-            "<= fdr_target, and return the mask in the original gene order.")
+    hint = ("a list's posterior expected FDR follows from each gene's posterior probability of not being DE, "
+            "and it grows as the list takes in weaker genes: keep the longest list of top-ranked genes that "
+            "stays within the target (chapter 6, 'Change mode, the FDR, and a volcano plot'), as a mask in the "
+            "input's gene order.")
     rs = np.random.default_rng(_SEED)
     p = rs.uniform(size=200)
     mostly = np.r_[1 - rs.uniform(0, 0.02, size=40), rs.uniform(0.3, 0.99, size=60)]
@@ -151,7 +159,7 @@ def check_fdr_select(fdr_select: Callable) -> None:
         orig = pr.copy()
         out = _call(fdr_select, name, pr, target)
         if not np.array_equal(orig, pr):
-            _fail(name, "the function modified proba_de in place (e.g. with .sort()).", "sort a copy: np.argsort.")
+            _fail(name, "the function modified proba_de in place (e.g. with .sort()).", "rank the genes without sorting the input itself.")
         out = _check_array(name, out, pr.shape, "the mask")
         if out.dtype != bool:
             _fail(name, f"the mask should be boolean, got dtype {out.dtype}.")
@@ -191,9 +199,11 @@ def check_zero_fraction_ppc(zero_fraction_ppc: Callable) -> None:
         ref_obs = (oo == 0).mean(0)
         rep_each = (orr == 0).mean(0)  # (G, S)
         _compare_np(name, obs, ref_obs, f"in observed ({where})",
-                    "the fraction of cells (axis 0) in which the gene's count is exactly 0.")
+                    "a fraction over cells (axis 0): one value per gene.")
         _compare_np(name, rep, rep_each.mean(-1), f"in replicated ({where})",
-                    "the same statistic in each replicate data set x_rep[..., s], averaged over the replicates.")
+                    "compute the observed statistic again in each replicate data set, then average over the "
+                    "replicates.")
         _compare_np(name, ppp, (rep_each >= ref_obs[:, None]).mean(-1), f"in ppp ({where})",
-                    "ppp = the fraction of replicates whose zero fraction is >= the observed one (ties count).")
+                    "the p-value is a tail probability over the replicates: re-read which tail, and what the "
+                    "statement says about ties (chapter 6, 'Posterior predictive checks').")
     _pass(name, f"matches the zero-fraction statistic and its posterior predictive p-value on {len(cases)} inputs.")

@@ -31,9 +31,9 @@ def check_kl_beta(kl_beta: Callable) -> None:
     """``kl_beta(a_q, b_q, a_p, b_p)``: elementwise KL(Beta(a_q, b_q) || Beta(a_p, b_p)), against
     ``mini_scvi.distributions.kl_beta``."""
     name = "kl_beta"
-    hint = ("KL = log B(a_p, b_p) - log B(a_q, b_q) + (a_q - a_p)(psi(a_q) - psi(a_q + b_q)) "
-            "+ (b_q - b_p)(psi(b_q) - psi(a_q + b_q)), with log B(a, b) = lgamma(a) + lgamma(b) - lgamma(a + b) "
-            "and psi = torch.digamma. The expectations are under q.")
+    hint = ("write the KL as E_q[log q(delta) - log p(delta)] for two Beta densities: the expectations of "
+            "log delta and log(1 - delta) are taken under q (the statement gives them), and log B must come from "
+            "log-Gamma functions (chapter 7, 'The ELBO and its global term').")
     g = _rng()
     d = torch.float64
 
@@ -80,9 +80,9 @@ def check_autozi_log_likelihood(autozi_log_likelihood: Callable) -> None:
     from mini_scvi.model.autozi import AutoZIModule
 
     name = "autozi_log_likelihood"
-    hint = ("per gene: log[delta NB(x) + (1 - delta) ZINB(x)] = logaddexp(log delta + log NB(x), "
-            "log(1 - delta) + log ZINB(x)) (mini_scvi.distributions.nb_log_prob, zinb_log_prob); then sum over "
-            "genes. Never exponentiate log-probabilities of large counts: exp(-800) is 0.")
+    hint = ("the mixture weighs the two likelihoods themselves (not their logs) by delta and 1 - delta, "
+            "but the sum must be formed in log space: log-probabilities of large counts underflow when "
+            "exponentiated (chapter 7, 'Summing out the switch'). Genes are independent given delta.")
     n, G = 12, 25
     rate = torch.distributions.Gamma(0.4, 0.1).sample((n, G))
     x = torch.poisson(rate)
@@ -122,8 +122,8 @@ def check_autozi_log_likelihood(autozi_log_likelihood: Callable) -> None:
             _fail(name, f"-inf {where}.", hint)
         h = hint
         if "delta close" in where:
-            h = ("with delta near 1 the mixture is the NB, near 0 the ZINB: delta is the weight of the NB "
-                 "(the probability that the gene is NOT zero-inflated).")
+            h = ("delta is the probability that the gene is NOT zero-inflated: which of the two components "
+                 "should it weigh?")
         tol = 1e-3 if args[0].dtype == torch.float32 else 1e-6
         _compare(name, out, ref, where, h, rtol=1e-5, atol=tol)
     _pass(name, f"matches AutoZIModule.log_likelihood on {len(cases)} inputs (a real module in training and "
@@ -144,9 +144,9 @@ def check_minimal_dropout_logits(minimal_dropout_logits: Callable) -> None:
     from mini_scvi.model.scvi import SCVIModule
 
     name = "minimal_dropout_logits"
-    hint = ("pi = tau + (1 - tau) sigmoid(h); return its logit, log(pi) - log(1 - pi). Note "
-            "1 - pi = (1 - tau)(1 - sigmoid(h)) and log(1 - sigmoid(h)) = -softplus(h): this stays finite "
-            "when sigmoid(h) rounds to 1.")
+    hint = ("the result is the logit of the rescaled probability, in a form that survives float32: the "
+            "trouble is 1 - pi, which rounds to 0 once sigmoid(h) rounds to 1. The identity in the statement "
+            "gives log(1 - pi) without ever forming 1 - sigmoid(h) (the same idea as chapter 4, 'Trap 3').")
     module = AutoZIModule(n_input=20, n_hidden=16, n_latent=3, minimal_dropout=0.01).eval()
     z = torch.randn(10, 3)
     batch = torch.zeros(10, dtype=torch.long)
@@ -201,10 +201,11 @@ def check_zi_call(zi_call: Callable) -> None:
         ref = beta_dist.cdf(0.5, oa, ob)
         _compare_np(name, p, ref, f"in zi_prob {where}",
                     "delta is the probability of NOT being zero-inflated, so zero inflation is delta < 0.5: "
-                    "zi_prob = q(delta < 0.5) = scipy.stats.beta.cdf(0.5, alpha, beta).", rtol=1e-7, atol=1e-9)
+                    "zi_prob is the posterior mass below 0.5, a value of the Beta distribution function "
+                    "(chapter 7, 'A Beta posterior per gene').", rtol=1e-7, atol=1e-9)
         if call.dtype != bool or not np.array_equal(call, ref > thr):
             _fail(name, f"wrong is_zi {where}.",
-                  "is_zi compares zi_prob (not the posterior mean of delta) with the threshold: zi_prob > threshold.")
+                  "the call thresholds the posterior probability zi_prob, not the posterior mean of delta.")
         if thr == 0.5 and not np.array_equal(call, oa < ob):
             _fail(name, f"at threshold 0.5 the call should agree with alpha < beta {where}.")
     _pass(name, f"matches scipy's Beta cdf and AUTOZI.get_zero_inflation's rule on {len(cases)} inputs "
