@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from numbers import Real
 
 import numpy as np
 import torch
@@ -19,21 +20,81 @@ from ._adata import TensorData
 from .module import BaseModule
 
 
+# --------------------------------------------------------------------------- argument checks
+# Bad arguments are caught here, before any work, so that the user reads which argument is wrong
+# and what it should be, instead of an error from deep inside torch (or, worse, no error at all).
+
+
+def check_int(name: str, value, minimum: int, why: str = "") -> None:
+    """Raise unless ``value`` is an integer >= ``minimum``; ``why`` explains the bound in the message."""
+    # bool is a subclass of int, but batch_size=True is a mistake, not the number 1
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{why}, got {value}.")
+
+
+def check_number(
+    name: str, value, low: float, high: float = math.inf,
+    low_open: bool = False, high_open: bool = False, hint: str = "",
+) -> None:
+    """Raise unless ``value`` is a finite number in the interval from ``low`` to ``high``
+    (``low_open``/``high_open`` exclude the end); ``hint`` ends the message."""
+    if high == math.inf:
+        interval = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number {interval}, got {value!r} ({type(value).__name__}).{hint}")
+    inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not (math.isfinite(value) and inside):
+        raise ValueError(f"{name} must be {interval}, got {value!r}.{hint}")
+
+
+def check_train_arguments(max_epochs: int, batch_size: int, early_stopping_patience: int = 45, **plan) -> None:
+    """Check the arguments of a training run; ``plan`` holds any of ``lr``, ``eps``, ``weight_decay``,
+    ``n_epochs_kl_warmup`` and ``early_stopping_min_delta``. Nothing is drawn from the RNG."""
+    check_int("max_epochs", max_epochs, 1, " (the number of passes over the training cells)")
+    # a minibatch of one cell cannot be normalized: BatchNorm divides by its variance over the batch
+    check_int("batch_size", batch_size, 2, " because BatchNorm needs at least 2 cells per minibatch in training")
+    check_int("early_stopping_patience", early_stopping_patience, 1, " (epochs without improvement before stopping)")
+    # lr = 0 would "train" without moving; torch accepts eps = 0 and weight_decay = 0
+    for key, low_open in (("lr", True), ("eps", False), ("weight_decay", False)):
+        if key in plan:
+            hint = f" model.train() takes it as plan_kwargs={{'{key}': ...}}."
+            check_number(key, plan[key], 0.0, low_open=low_open, hint=hint)
+    if plan.get("n_epochs_kl_warmup") is not None:  # None (or 0): no warm-up
+        # a negative value would make the KL weight negative
+        check_int("n_epochs_kl_warmup", plan["n_epochs_kl_warmup"], 0, " (0 or None: no warm-up)")
+    if "early_stopping_min_delta" in plan:
+        check_number("early_stopping_min_delta", plan["early_stopping_min_delta"], 0.0)
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` picks CUDA, then Apple MPS, then the CPU; anything else is passed to torch."""
     if str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's message lists some twenty device types
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' (or 'cuda:0', ...) or 'mps', got {device!r}.") from None
+    # checked here: torch would only fail later, when the model is moved, and with its own words
+    if (resolved.type == "cuda" and not torch.cuda.is_available()) or (resolved.type == "mps" and not _mps_available()):
+        raise ValueError(f"device={device!r}, but this machine's PyTorch cannot use it. Use device='auto' or 'cpu'.")
+    return resolved
 
 
 def split_indices(n_obs: int, train_size: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
     """A random train/validation split of ``range(n_obs)`` drawn from torch's (seeded) generator."""
-    if not 0.0 < train_size <= 1.0:
-        raise ValueError(f"train_size must be in (0, 1], got {train_size}")
+    check_number("train_size", train_size, 0.0, 1.0, low_open=True, hint=" It is the share of cells used for training.")
     perm = torch.randperm(n_obs).numpy()
     n_train = int(math.ceil(train_size * n_obs))
     if n_train < 2:
@@ -93,6 +154,10 @@ def train_module(
     Defaults are scvi-tools': Adam(lr 1e-3, eps 0.01, weight_decay 1e-6), batch size 128,
     KL warm-up over 400 epochs, early stopping on ``elbo_validation`` with patience 45.
     """
+    check_train_arguments(
+        max_epochs, batch_size, early_stopping_patience, lr=lr, eps=eps, weight_decay=weight_decay,
+        n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping_min_delta=early_stopping_min_delta,
+    )
     # fused: one kernel updates every parameter (on CPU too), instead of a Python loop over tensors
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, eps=eps, weight_decay=weight_decay, fused=True)
     n_obs = len(train_idx)

@@ -11,7 +11,7 @@ to a few milliseconds and still has capacity to spare; pass ``hidden_sizes=(2048
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import anndata as ad
 import torch
@@ -71,12 +71,14 @@ class AE(BaseModel):
         dropout_rate: float = 0.1,
         **module_kwargs,
     ) -> None:
-        super().__init__(
-            adata, n_latent=n_latent, hidden_sizes=tuple(hidden_sizes), dropout_rate=dropout_rate, **module_kwargs
-        )
+        # a tuple in init_params (what save() writes); a bare number is left for BaseModel to reject by name
+        if isinstance(hidden_sizes, Iterable):
+            hidden_sizes = tuple(hidden_sizes)
+        super().__init__(adata, n_latent=n_latent, hidden_sizes=hidden_sizes, dropout_rate=dropout_rate, **module_kwargs)
 
     @torch.no_grad()
     def get_reconstruction(self, adata: ad.AnnData | None = None, batch_size: int = 1024) -> torch.Tensor:
         """(n_cells, n_genes) decoder output: the reconstructed log-normalized expression."""
+        self._check_if_trained("get_reconstruction")
         out = [self.module.generative(inf["z"])["x_hat"].cpu() for _, inf in self._forward_batches(adata, batch_size)]
         return torch.cat(out)

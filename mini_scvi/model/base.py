@@ -13,6 +13,9 @@ everything else lives here, once.
 from __future__ import annotations
 
 import os
+import sys
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -22,9 +25,58 @@ import torch
 
 from .. import _adata
 from ..module import BaseModule
-from ..train import resolve_device, split_indices, train_module
+from ..train import check_int, check_number, check_train_arguments, resolve_device, split_indices, train_module
 
 _PLAN_KEYS = {"lr", "eps", "weight_decay", "n_epochs_kl_warmup"}
+# what save() writes into model.pt; load() refuses a file without them
+_SAVED_KEYS = ("model_class", "state_dict", "init_params", "registry", "var_names", "history", "is_trained")
+
+
+def _check_model_arguments(model_kwargs: dict) -> None:
+    """Clear errors for the architecture arguments the models share, before any layer is built
+    (a size of 0 builds an empty layer, which fails much later, inside torch, or not at all)."""
+    for name in ("n_latent", "n_hidden", "n_layers"):
+        if name in model_kwargs:
+            check_int(name, model_kwargs[name], 1)
+    if "hidden_sizes" in model_kwargs:
+        sizes = model_kwargs["hidden_sizes"]
+        if isinstance(sizes, str) or not isinstance(sizes, Sequence) or len(sizes) == 0:
+            raise TypeError(f"hidden_sizes must list one size per hidden layer, e.g. hidden_sizes=(256, 64); got {sizes!r}.")
+        for i, size in enumerate(sizes):
+            check_int(f"hidden_sizes[{i}]", size, 1)
+    if "dropout_rate" in model_kwargs:
+        check_number("dropout_rate", model_kwargs["dropout_rate"], 0.0, 1.0, high_open=True,
+                     hint=" It is the share of hidden units dropped in training; 1 would drop them all.")
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` at which a warning raised by the caller points at the user's own line: the
+    first frame outside mini_scvi and torch (whose ``no_grad`` decorator adds a frame of its own)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("mini_scvi", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _read_model_file(file: Path) -> dict:
+    """``torch.load`` a model.pt and check that it holds what ``save`` writes."""
+    not_ours = f"{file} is not a mini_scvi model file (corrupt or written by something else)"
+    fix = "Re-save the model with model.save(dir_path, overwrite=True), or pass the folder that holds the right file."
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=False)
+    except PermissionError:
+        raise
+    except Exception as err:  # a truncated or foreign file fails in many ways: unpickling, zip reading, EOF...
+        raise ValueError(f"{not_ours}: torch.load failed ({type(err).__name__}). {fix}") from err
+    if isinstance(saved, dict) and all(k in saved for k in _SAVED_KEYS):
+        return saved
+    if isinstance(saved, dict) and saved and all(isinstance(v, torch.Tensor) for v in saved.values()):
+        what = "only weights (a state_dict, as torch.save(model.module.state_dict(), ...) writes)"
+    elif isinstance(saved, dict):
+        what = f"a dict without the keys {[k for k in _SAVED_KEYS if k not in saved]}"
+    else:
+        what = f"a {type(saved).__name__}, not the dict that model.save writes"
+    raise ValueError(f"{not_ours}: it holds {what}. {fix}")
 
 
 class BaseModel:
@@ -45,6 +97,7 @@ class BaseModel:
     def __init__(self, adata: ad.AnnData, **model_kwargs) -> None:
         self.adata = adata
         self.registry = _adata.get_registry(adata, type(self).__name__)
+        _check_model_arguments(model_kwargs)
         self.var_names = pd.Index(adata.var_names).copy()
         self.init_params = dict(model_kwargs)
         self.summary_stats = {
@@ -93,6 +146,7 @@ class BaseModel:
     @torch.no_grad()
     def _forward_batches(self, adata: ad.AnnData | None, batch_size: int, indices=None):
         """Yield ``(tensors, inference_outputs)`` over cells in order, in eval mode."""
+        check_int("batch_size", batch_size, 1)  # one cell per batch is fine here: BatchNorm is in eval mode
         data = self._data(adata)
         self.module.eval()
         indices = np.arange(data.n_obs) if indices is None else np.asarray(indices)
@@ -125,10 +179,15 @@ class BaseModel:
             raise TypeError(f"unknown plan_kwargs {sorted(unknown)}; accepted: {sorted(_PLAN_KEYS)}")
         if max_epochs is None:
             max_epochs = self._default_max_epochs()
-        self.device = resolve_device(device)
+        # every argument is checked before the model changes; train_size in split_indices, which draws
+        # the split (the first draw of the run, before and after this check was added: same numbers)
+        check_train_arguments(max_epochs, batch_size, early_stopping_patience, **plan)
+        device = resolve_device(device)
+        train_indices, validation_indices = split_indices(self.adata.n_obs, train_size)
+        self.device = device
         self.module.to(self.device)
         data = self._data()
-        self.train_indices, self.validation_indices = split_indices(data.n_obs, train_size)
+        self.train_indices, self.validation_indices = train_indices, validation_indices
         self._on_train_start(data)
         history = train_module(
             self.module, data, self.train_indices, self.validation_indices, max_epochs=max_epochs,
@@ -148,12 +207,26 @@ class BaseModel:
     def _on_train_start(self, data: _adata.TensorData) -> None:
         """Hook for statistics computed from the training data (scVI's library-size prior)."""
 
+    def _check_if_trained(self, method: str) -> None:
+        """Warn, as scvi-tools does, when ``method`` is asked for output of a model never trained: its
+        numbers would come from the random initial weights. Every public output method calls this."""
+        if not self.is_trained:
+            name = type(self).__name__
+            warnings.warn(
+                f"{name}.{method}() was called on a model that has not been trained, so its output comes from "
+                f"random initial weights. Make sure the model is trained first: call model.train(), or load a "
+                f"trained one with {name}.load(dir_path, adata).",
+                UserWarning,
+                stacklevel=_user_stacklevel(),
+            )
+
     # ------------------------------------------------------------------ outputs
 
     def get_latent_representation(
         self, adata: ad.AnnData | None = None, give_mean: bool = True, batch_size: int = 1024
     ) -> np.ndarray:
         """(n_cells, n_latent): the posterior mean of z (``give_mean=True``) or one sample of it."""
+        self._check_if_trained("get_latent_representation")
         out = []
         for _, inf in self._forward_batches(adata, batch_size):
             out.append((inf.get("qz_m", inf["z"]) if give_mean else inf["z"]).cpu())
@@ -186,9 +259,11 @@ class BaseModel:
     def load(cls, dir_path: str | os.PathLike, adata: ad.AnnData | None = None, device: str = "cpu"):
         """Rebuild a saved model on ``adata`` (or on the AnnData saved with it)."""
         path = Path(dir_path)
+        if path.is_file():
+            raise ValueError(f"{path} is a file; pass the folder that holds it: {cls.__name__}.load({str(path.parent)!r}, adata).")
         if not (path / "model.pt").exists():
             raise FileNotFoundError(f"no saved model in {path} (expected {path / 'model.pt'}).")
-        saved = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
+        saved = _read_model_file(path / "model.pt")
         if saved["model_class"] != cls.__name__:
             raise TypeError(f"{path} holds a {saved['model_class']}; load it with that class, not {cls.__name__}.")
         if adata is None:
@@ -204,7 +279,14 @@ class BaseModel:
             k: (v if v is not None else "") for k, v in saved["registry"].items()
         }
         model = cls(adata, **saved["init_params"])
-        model.module.load_state_dict(saved["state_dict"])
+        try:
+            model.module.load_state_dict(saved["state_dict"])
+        except (RuntimeError, TypeError) as err:  # torch lists every missing or misshapen tensor
+            raise ValueError(
+                f"{path / 'model.pt'} is not a mini_scvi model file (corrupt or written by something else): its "
+                f"weights do not fit a {cls.__name__} built with {saved['init_params']}. Re-save the model with "
+                "model.save(dir_path, overwrite=True)."
+            ) from err
         model.device = resolve_device(device)
         model.module.to(model.device).eval()
         model.history = {k: pd.DataFrame({k: v}).rename_axis("epoch") for k, v in saved["history"].items()}

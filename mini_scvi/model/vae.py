@@ -19,6 +19,7 @@ import torch
 from ..distributions import kl_normal
 from ..module import LossOutput
 from ..nn import Encoder
+from ..train import check_int
 from .ae import AE, AEModule, log_normalize
 
 
@@ -69,6 +70,8 @@ class VAE(AE):
     @torch.no_grad()
     def sample(self, n_cells: int, add_noise: bool = False) -> np.ndarray:
         """Generate new cells: z ~ N(0, I), x = decoder(z) (+ N(0, obs_var) noise). (n_cells, n_genes)."""
+        check_int("n_cells", n_cells, 1)
+        self._check_if_trained("sample")
         self.module.eval()
         z = torch.randn(n_cells, self.module.n_latent, device=self.device)
         x = self.module.generative(z)["x_hat"]
