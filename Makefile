@@ -14,7 +14,7 @@ help:
 	@echo "make book          build the Jupyter Book (executes every chapter on CPU) into _build/html"
 	@echo "make test          unit tests + nbval over every chapter and exercise notebook"
 	@echo "make test-portable nbval over the chapters again with PyTorch's portable kernels (other floats, as on another CPU)"
-	@echo "make models        train the converged models the chapters analyse into models/ (about 15 min on 2 cores)"
+	@echo "make models        train the converged models chapters 5-7 analyse into models/ (about 15 min on 2 cores)"
 	@echo "make student       write student versions of the exercises (no solutions) into student/"
 	@echo "make book-student  build the book with no solutions into _build/student/_build/html"
 	@echo "make check-site    open every built page in headless Chromium and check math, figures, search"
