@@ -295,23 +295,20 @@ def test_untrained_model_warns_by_method(counts_small, cls, method, kwargs):
     assert record[0].filename == __file__
 
 
-# rnaseq.py (SCVI's toolkit) and autozi.py are being reorganized in parallel; these pass once their public
-# outputs call self._check_if_trained("<method>"): the strict mark then fails, as a reminder to delete it.
-_PENDING = pytest.mark.xfail(strict=True, reason="rnaseq.py/autozi.py do not call _check_if_trained yet")
+# every public output of SCVI's toolkit (rnaseq.py) and of AUTOZI warns when the model is untrained
 
 
 @pytest.mark.parametrize(
     "cls, method, kwargs",
     [
-        pytest.param(SCVI, "get_normalized_expression", {}, marks=_PENDING),
-        pytest.param(SCVI, "posterior_predictive_sample", {}, marks=_PENDING),
-        pytest.param(SCVI, "get_elbo", {}, marks=_PENDING),
-        pytest.param(SCVI, "get_reconstruction_error", {}, marks=_PENDING),
-        pytest.param(SCVI, "get_marginal_ll", {"n_mc_samples": 3}, marks=_PENDING),
-        pytest.param(SCVI, "differential_expression", {"groupby": "label", "group1": "A", "n_samples": 20},
-                     marks=_PENDING),
-        pytest.param(AUTOZI, "get_alphas_betas", {}, marks=_PENDING),
-        pytest.param(AUTOZI, "get_zero_inflation", {}, marks=_PENDING),
+        pytest.param(SCVI, "get_normalized_expression", {}),
+        pytest.param(SCVI, "posterior_predictive_sample", {}),
+        pytest.param(SCVI, "get_elbo", {}),
+        pytest.param(SCVI, "get_reconstruction_error", {}),
+        pytest.param(SCVI, "get_marginal_ll", {"n_mc_samples": 3}),
+        pytest.param(SCVI, "differential_expression", {"groupby": "label", "group1": "A", "n_samples": 20},),
+        pytest.param(AUTOZI, "get_alphas_betas", {}),
+        pytest.param(AUTOZI, "get_zero_inflation", {}),
     ],
 )
 def test_untrained_scvi_outputs_warn(counts_small, cls, method, kwargs):

@@ -76,6 +76,7 @@ class RNASeqMixin:
         batches). Returns a (n_cells, n_genes) DataFrame, or an (n_samples, n_cells, n_genes) array
         when ``return_mean=False``.
         """
+        self._check_if_trained("get_normalized_expression")
         adata = self._validate_anndata(adata)
         # one batch (a name or a code like 0) or a list of them, averaged
         single = transform_batch is None or isinstance(transform_batch, (str, int, np.integer))
@@ -98,6 +99,7 @@ class RNASeqMixin:
         self, adata: ad.AnnData | None = None, indices=None, n_samples: int = 1, batch_size: int = 256
     ) -> np.ndarray:
         """Counts drawn from p(x | z, l) with z, l ~ q: (n_cells, n_genes), or (n_cells, n_genes, n_samples)."""
+        self._check_if_trained("posterior_predictive_sample")
         chunks = []
         for _, samples in self._generate_samples(adata, indices, n_samples, batch_size):
             draws = [self.module.observation_distribution(s).sample() for s in samples]
@@ -119,6 +121,7 @@ class RNASeqMixin:
 
     def get_elbo(self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 256) -> float:
         """The ELBO per cell (higher is better), one posterior sample per cell."""
+        self._check_if_trained("get_elbo")
         def elbo(tensors):
             out = self.module(tensors, kl_weight=1.0)[2]
             return -(out.reconstruction_loss + out.kl_local)
@@ -126,6 +129,7 @@ class RNASeqMixin:
 
     def get_reconstruction_error(self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 256) -> dict:
         """-log p(x | z, l) per cell, averaged (lower is better)."""
+        self._check_if_trained("get_reconstruction_error")
         value = self._mean_over_cells(
             adata, indices, batch_size, lambda tensors: self.module(tensors)[2].reconstruction_loss
         )
@@ -135,6 +139,7 @@ class RNASeqMixin:
         self, adata: ad.AnnData | None = None, indices=None, n_mc_samples: int = 1000, batch_size: int = 256
     ) -> float:
         """log p(x) per cell by importance sampling with ``n_mc_samples`` draws (higher is better)."""
+        self._check_if_trained("get_marginal_ll")
         return self._mean_over_cells(
             adata, indices, batch_size, lambda tensors: self.module.marginal_ll(tensors, n_mc_samples)
         )
@@ -160,6 +165,7 @@ class RNASeqMixin:
         them. ``vanilla``: H1 rho1 > rho2 against rho1 <= rho2. ``change``: H1 |log2 fold change| >= delta.
         ``bayes_factor`` is the log odds of H1. One row per gene, sorted by the evidence.
         """
+        self._check_if_trained("differential_expression")
         if mode not in ("vanilla", "change"):
             raise ValueError(f"mode must be 'vanilla' or 'change', got {mode!r}")
         adata = self._validate_anndata(adata)
