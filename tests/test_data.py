@@ -78,6 +78,52 @@ def test_pbmc3k_env_var_pointing_to_folder(monkeypatch, tmp_path, pbmc_readonly)
 # ----------------------------------------------------------------------------- three_profiles
 
 
+# ----------------------------------------------------------------------------- the course's genes
+
+
+def test_pbmc3k_qc_keeps_the_labelled_cells_and_detected_genes():
+    qc = mini_scvi.data.pbmc3k_qc()
+    assert qc.shape == (2638, 13656)
+    assert int(qc.obs["cell_type"].isna().sum()) == 0
+    assert qc.obs["cell_type"].value_counts().to_dict() == PBMC_TYPE_COUNTS
+    assert (np.diff(qc.X.tocsc().indptr) >= 3).all()  # every gene detected in at least 3 cells
+
+
+def test_stored_hvg_list_is_the_seurat_v3_selection_on_counts():
+    stored = mini_scvi.data.stored_hvg_genes()
+    assert len(stored) == len(set(stored)) == 1200
+    fresh = mini_scvi.data.select_hvg(mini_scvi.data.pbmc3k_qc(), 1200)
+    # the same genes up to a swap or two at the ranking's boundary (float differences between CPUs)
+    assert len(fresh.intersection(stored)) >= 1190
+    assert {"MS4A1", "FCGR3A", "MS4A7", "CD79A", "LYZ", "NKG7", "GNLY", "PPBP"} <= set(stored)
+
+
+def test_pbmc3k_hvg_uses_the_stored_genes_and_a_fixed_split():
+    a = mini_scvi.data.pbmc3k_hvg()
+    assert a.shape == (2638, 1200)
+    assert set(a.var_names) == set(mini_scvi.data.stored_hvg_genes())
+    assert (a.layers["counts"] != a.X).nnz == 0
+    split = a.obs["split"].value_counts().to_dict()
+    assert split == {"train": 2375, "held out": 263}
+    # the split is drawn from its seed alone: the same cells every time, on every machine
+    again = mini_scvi.data.pbmc3k_hvg()
+    assert (again.obs["split"] == a.obs["split"]).all()
+    assert (mini_scvi.data.held_out(a.n_obs) == (a.obs["split"] == "held out").to_numpy()).all()
+
+
+def test_pbmc3k_hvg_recompute_and_other_sizes_select_afresh():
+    a = mini_scvi.data.pbmc3k_hvg(n_top_genes=300)
+    assert a.n_vars == 300 and a.n_obs == 2638
+    with pytest.raises(ValueError, match="n_top_genes"):
+        mini_scvi.data.pbmc3k_hvg(n_top_genes=0)
+
+
+def test_held_out_is_seeded_and_sized():
+    m = mini_scvi.data.held_out(1000, fraction=0.2, seed=3)
+    assert m.sum() == 200 and (m == mini_scvi.data.held_out(1000, fraction=0.2, seed=3)).all()
+    assert not (m == mini_scvi.data.held_out(1000, fraction=0.2, seed=4)).all()
+
+
 def test_three_profiles_block_means():
     a = three_profiles()
     assert a.shape == (6000, 1000)
