@@ -220,10 +220,12 @@ class _NBMixtureLogProb(torch.autograd.Function):
 
     ``nonzero``: the positions of the non-zero counts in the flattened broadcast shape, when the
     caller already knows them (the data layer reads them off a sparse matrix); else found here.
+    ``with_nb``: also return log NB(x) from the same terms, ``(log ZINB, log NB)``: AutoZI needs both
+    (chapter 7), and they share log NB(0), the lgammas and the gathers.
     """
 
     @staticmethod
-    def forward(ctx, x, mu, theta, zi, nonzero):
+    def forward(ctx, x, mu, theta, zi, nonzero, with_nb=False):
         shape = torch.broadcast_shapes(x.shape, mu.shape, theta.shape, *(() if zi is None else (zi.shape,)))
         mu = mu.clamp_min(_tiny(mu))
         theta = theta.clamp_min(_tiny(theta))
@@ -250,23 +252,30 @@ class _NBMixtureLogProb(torch.autograd.Function):
         # with one theta per gene, lgamma(theta) on the genes and look it up: fewer entries
         per_gene = theta.numel() < nz.numel()
         lgamma_ts = _at(torch.lgamma(theta), shape, nz) if per_gene else torch.lgamma(ts)
-        rest = (torch.lgamma(xs + ts) - lgamma_ts) + xs * (torch.log(ms) - torch.log(ts + ms)) + _at(log_nb0, shape, nz)
-        if zi is not None:
-            rest -= F.softplus(_at(zi, shape, nz))  # log(1 - pi)
+        log_nb = (torch.lgamma(xs + ts) - lgamma_ts) + xs * (torch.log(ms) - torch.log(ts + ms)) + _at(log_nb0, shape, nz)
+        rest = log_nb if zi is None else log_nb - F.softplus(_at(zi, shape, nz))  # + log(1 - pi)
         out.view(-1).index_put_((nz,), rest)
         ctx.save_for_backward(nz, xs, ms, ts, mu, theta, log_nb0, w, one_minus_pi)
         ctx.shapes = (shape, mu.shape, theta.shape, None if zi is None else zi.shape, per_gene)
-        return out
+        if not with_nb:
+            return out
+        out_nb = log_nb0.expand(shape).clone()  # the NB alone: log NB(0) at the zeros, log_nb elsewhere
+        out_nb.view(-1).index_put_((nz,), log_nb)
+        return out, out_nb
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_nb=None):
         nz, xs, ms, ts, mu, theta, log_nb0, w, one_minus_pi = ctx.saved_tensors
         shape, mu_shape, theta_shape, zi_shape, per_gene = ctx.shapes
         grad = grad.expand(shape)
         g_nz = _at(grad, shape, nz)
         # d out / d log NB(0): w at the zeros of a ZINB, 1 at the zeros of an NB and where x > 0
         d_nb0 = (grad.clone() if w is None else grad * w).expand(shape).contiguous()
-        d_nb0.view(-1).index_put_((nz,), g_nz)
+        g_nb_nz = g_nz  # gradient reaching the x > 0 terms log NB(x)
+        if grad_nb is not None:  # with_nb: the NB output adds its own gradient, 1 x grad_nb everywhere
+            d_nb0 += grad_nb
+            g_nb_nz = g_nz + _at(grad_nb, shape, nz)
+        d_nb0.view(-1).index_put_((nz,), g_nb_nz)
         # log NB(0) = -theta log1p(mu / theta):
         # d/dmu = -theta / (theta + mu), d/dtheta = mu / (theta + mu) + log NB(0) / theta
         q = torch.reciprocal(theta + mu)
@@ -274,10 +283,10 @@ class _NBMixtureLogProb(torch.autograd.Function):
         d_theta = d_nb0 * q.mul_(mu).add_(log_nb0 / theta)
         # the x > 0 entries add x (log mu - log(theta + mu)) + lgamma(x + theta) - lgamma(theta)
         inv = 1.0 / (ts + ms)
-        d_mu.view(-1).index_put_((nz,), g_nz * (xs / ms - xs * inv), accumulate=True)
+        d_mu.view(-1).index_put_((nz,), g_nb_nz * (xs / ms - xs * inv), accumulate=True)
         digamma_ts = _at(torch.digamma(theta), shape, nz) if per_gene else torch.digamma(ts)
-        d_theta.view(-1).index_put_((nz,), g_nz * (torch.digamma(xs + ts) - digamma_ts - xs * inv), accumulate=True)
-        grads = [None, d_mu.sum_to_size(mu_shape), d_theta.sum_to_size(theta_shape), None, None]
+        d_theta.view(-1).index_put_((nz,), g_nb_nz * (torch.digamma(xs + ts) - digamma_ts - xs * inv), accumulate=True)
+        grads = [None, d_mu.sum_to_size(mu_shape), d_theta.sum_to_size(theta_shape), None, None, None]
         if w is not None:
             d_zi = (one_minus_pi - w) * grad  # at zeros: (1 - pi) - w
             d_zi.view(-1).index_put_((nz,), g_nz * (_at(one_minus_pi, shape, nz) - 1.0))  # x > 0: -pi
@@ -301,3 +310,12 @@ def zinb_log_prob_fast(
 
     ``nonzero``: optional int64 positions of the non-zero counts in the flattened broadcast shape."""
     return _NBMixtureLogProb.apply(x, mu, theta, zi_logits, nonzero)
+
+
+def nb_and_zinb_log_prob_fast(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor, nonzero: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(zinb_log_prob_fast(...), nb_log_prob_fast(...))`` in one pass (chapter 7: AutoZI's two branches).
+
+    The NB terms both need (log NB(0), the lgammas at the non-zero counts) are computed once."""
+    return _NBMixtureLogProb.apply(x, mu, theta, zi_logits, nonzero, True)

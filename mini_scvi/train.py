@@ -1,7 +1,7 @@
 """The one training loop, used by every model (chapter 2; KL warm-up in chapter 5).
 
 Each epoch: shuffle the training cells, take Adam steps on minibatches, then evaluate the same
-loss terms on the validation cells. The KL weight ramps linearly from 0 to 1 over
+loss terms on the validation cells (every epoch by default; see ``check_val_every_n_epoch``). The KL weight ramps linearly from 0 to 1 over
 ``n_epochs_kl_warmup`` epochs, as in scvi-tools. History keeps, per epoch, every loss term on
 both splits, named as scvi-tools names them (``elbo_train``, ``reconstruction_loss_validation``...).
 """
@@ -148,34 +148,53 @@ def train_module(
     early_stopping_patience: int = 45,
     early_stopping_min_delta: float = 0.0,
     progress_bar: bool = True,
+    check_val_every_n_epoch: int | None = 1,
 ) -> dict[str, list[float]]:
     """Train ``module`` in place on ``data`` and return the per-epoch history.
 
     Defaults are scvi-tools': Adam(lr 1e-3, eps 0.01, weight_decay 1e-6), batch size 128,
     KL warm-up over 400 epochs, early stopping on ``elbo_validation`` with patience 45.
+
+    ``check_val_every_n_epoch``: evaluate the validation cells every n-th epoch and at the last one
+    (the other epochs' validation entries are NaN), or never with ``None``. The default 1 evaluates
+    every epoch, which the book's validation curves use; scvi-tools skips the pass unless early
+    stopping is on. Early stopping needs it every epoch, so it overrides the argument.
     """
     check_train_arguments(
         max_epochs, batch_size, early_stopping_patience, lr=lr, eps=eps, weight_decay=weight_decay,
         n_epochs_kl_warmup=n_epochs_kl_warmup, early_stopping_min_delta=early_stopping_min_delta,
     )
+    if check_val_every_n_epoch is not None:
+        check_int("check_val_every_n_epoch", check_val_every_n_epoch, 1, " (or None: no validation pass)")
+    if early_stopping and len(val_idx):
+        check_val_every_n_epoch = 1
     # fused: one kernel updates every parameter (on CPU too), instead of a Python loop over tensors
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, eps=eps, weight_decay=weight_decay, fused=True)
     n_obs = len(train_idx)
     history: dict[str, list[float]] = defaultdict(list)
     best, since_best = float("inf"), 0
     bar = tqdm(range(max_epochs), desc="Training", disable=not progress_bar, unit="epoch")
+    # weights and BatchNorm statistics as they were after the last finite epoch: a NaN can reach
+    # them one step before the loss shows it, so the whole state is restored on failure. The copy
+    # is allocated once and refreshed in place at the start of every epoch. (The tensors of
+    # ``state`` are the module's own: the optimizer and BatchNorm update them in place.)
+    state = module.state_dict()
+    last_good = {k: v.detach().clone() for k, v in state.items()}
+    validate = len(val_idx) > 0 and check_val_every_n_epoch is not None
     for epoch in bar:
         kl_weight = kl_weight_at(epoch, n_epochs_kl_warmup)
-        # weights and BatchNorm statistics as they were after the last finite epoch: a NaN can
-        # reach them one step before the loss shows it, so restore the whole state on failure
-        last_good = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        if epoch:
+            for k, v in state.items():
+                last_good[k].copy_(v)
         try:
             module.train()
             splits = {"train": _epoch_sums(module, data, train_idx, batch_size, kl_weight, n_obs, optimizer, epoch)}
-            if len(val_idx):
+            if validate and ((epoch + 1) % check_val_every_n_epoch == 0 or epoch == max_epochs - 1):
                 module.eval()
                 with torch.no_grad():
                     splits["validation"] = _epoch_sums(module, data, val_idx, batch_size, kl_weight, n_obs, None, epoch)
+            elif validate:
+                splits["validation"] = {"n": 1, **dict.fromkeys(("loss", "reconstruction_loss", "kl_local", "kl_global"), math.nan)}
         except FloatingPointError as err:
             module.load_state_dict(last_good)
             module.eval()

@@ -29,7 +29,7 @@ from scipy.stats import beta as beta_dist
 from torch import nn
 
 from .. import _adata
-from ..distributions import kl_beta, nb_log_prob_fast, zinb_log_prob_fast
+from ..distributions import kl_beta, nb_and_zinb_log_prob_fast
 from ..module import LossOutput
 from ..nn import one_hot
 from .scvi import SCVI, SCVIModule
@@ -93,15 +93,16 @@ class AutoZIModule(SCVIModule):
 
     def generative(self, z, library, batch_index, labels=None) -> dict:
         out = super().generative(z, library, batch_index, labels)
-        # the slab's zero-inflation probability pi = tau + (1 - tau) sigmoid(h) is bounded below by tau;
-        # its logit is computed in log space: in float32 pi rounds to exactly 1 once h > ~17, and
-        # log(1 - pi) = -inf would send NaN gradients through the ZINB branch
+        # the slab's zero-inflation probability pi = tau + (1 - tau) sigmoid(h) is bounded below by tau.
+        # Its logit is computed without pi: in float32 pi rounds to exactly 1 once h > ~17, and
+        # log(1 - pi) = -inf would send NaN gradients through the ZINB branch. With s = sigmoid(h),
+        # pi / (1 - pi) = (tau + e^h) / (1 - tau), so logit(pi) = logit(tau) + softplus(h - log tau).
         h, tau = out["px_dropout"], self.minimal_dropout
-        log_pi = torch.logaddexp(torch.full_like(h, math.log(tau)), math.log1p(-tau) + F.logsigmoid(h))
-        out["px_dropout"] = log_pi - (math.log1p(-tau) + F.logsigmoid(-h))  # log pi - log(1 - pi)
+        out["px_dropout"] = _logit(tau) + F.softplus(h - math.log(tau))
         ab = self.get_alphas_betas()
         if self.training:  # one reparameterized draw of delta per step, shared by the minibatch
-            delta = torch.distributions.Beta(ab["alpha_posterior"], ab["beta_posterior"]).rsample()
+            # (validate_args=False: the parameters are sigmoids, in (0, 1) by construction; the checks cost more than the draw)
+            delta = torch.distributions.Beta(ab["alpha_posterior"], ab["beta_posterior"], validate_args=False).rsample()
         else:  # evaluation conditions on the posterior mean
             delta = ab["alpha_posterior"] / (ab["alpha_posterior"] + ab["beta_posterior"])
         out["delta"] = self._per_cell(delta, batch_index, labels)
@@ -113,9 +114,9 @@ class AutoZIModule(SCVIModule):
         """log [delta NB(x) + (1 - delta) ZINB(x)] summed over genes: (n,)."""
         g = generative_outputs
         delta = g["delta"].clamp(1e-7, 1 - 1e-7)
-        log_nb = torch.log(delta) + nb_log_prob_fast(x, g["px_rate"], g["px_r"], nonzero)
-        log_zinb = torch.log1p(-delta) + zinb_log_prob_fast(x, g["px_rate"], g["px_r"], g["px_dropout"], nonzero)
-        ll = torch.logaddexp(log_nb, log_zinb).sum(-1)
+        # both branches in one pass: they share log NB(0) and the lgamma terms at the non-zero counts
+        zinb, nb = nb_and_zinb_log_prob_fast(x, g["px_rate"], g["px_r"], g["px_dropout"], nonzero)
+        ll = torch.logaddexp(torch.log(delta) + nb, torch.log1p(-delta) + zinb).sum(-1)
         # -log x! is common to both components, so it comes out of the mixture
         return ll - torch.lgamma(x + 1).sum(-1) if include_constant else ll
 
