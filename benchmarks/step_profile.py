@@ -68,6 +68,8 @@ def gemm_floor_ms(module: torch.nn.Module, n_genes: int, batch: int, reps: int) 
     for name, layer in module.named_modules():
         if not isinstance(layer, torch.nn.Linear):
             continue
+        if name == "decoder.px_r_decoder" and getattr(module, "dispersion", None) != "gene-cell":
+            continue  # built but not called: theta is a parameter unless dispersion='gene-cell'
         n_out, n_in = layer.weight.shape
         x, g = torch.randn(batch, n_in), torch.randn(batch, n_out)
         w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
