@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mc", type=int, default=1000, help="importance samples for the marginal likelihood")
     parser.add_argument("--out", default=str(RESULTS / "scvi_vs_scvi_tools"))
+    parser.add_argument("--append", action="store_true",
+                        help="add these runs to those already in the --out JSON (more seeds for some sizes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     epochs = dict(zip(sizes.SIZES, args.epochs))
@@ -165,11 +167,20 @@ def main() -> None:
         print(f"{size}: {full.n_obs} cells x {full.n_vars} genes, {MODEL[size]}, {epochs[size]} epochs", flush=True)
 
     load_before = os.getloadavg()
-    runs = []
-    for i, seed in enumerate(args.seeds):
+    runs, earlier = [], None
+    if args.append and Path(args.out).with_suffix(".json").exists():
+        earlier = json.loads(Path(args.out).with_suffix(".json").read_text())
+        runs = earlier["runs"]
+        if earlier["settings"]["torch_threads"] != args.threads:
+            raise SystemExit("--append needs the same --threads as the runs already there")
+        for size in args.sizes:
+            if earlier["settings"]["epochs"].get(size, epochs[size]) != epochs[size]:
+                raise SystemExit(f"--append: {size} was run with {earlier['settings']['epochs'][size]} epochs")
+        epochs = {**earlier["settings"]["epochs"], **epochs}
+    for seed in args.seeds:
         for size in args.sizes:
             full, train, test = data[size]
-            order = list(impls) if i % 2 == 0 else list(impls)[::-1]
+            order = list(impls) if seed % 2 == 0 else list(impls)[::-1]  # alternating with the seed
             run = {"seed": seed, "size": size, "model": MODEL[size], "epochs": epochs[size], "order": order,
                    "load_average_1min": round(os.getloadavg()[0], 2)}
             for name in order:
@@ -187,30 +198,35 @@ def main() -> None:
             print(json.dumps(run), flush=True)
             out = Path(args.out)  # written after every run, so a stopped benchmark keeps what it measured
             out.parent.mkdir(parents=True, exist_ok=True)
+            seeds = sorted({r["seed"] for r in runs})
+            all_sizes = [z for z in sizes.SIZES if any(r["size"] == z for r in runs)]
             results = {
-                "settings": {"sizes": args.sizes, "seeds": args.seeds, "epochs": epochs, "batch_size": 128,
+                "settings": {"sizes": all_sizes, "seeds": seeds, "epochs": epochs, "batch_size": 128,
                              "plan": PLAN, "train_size": 1.0, "torch_threads": args.threads, "n_mc_samples": args.mc},
-                "data": {s: {"n_cells": d[0].n_obs, "n_genes": d[0].n_vars, "model": MODEL[s],
-                             "n_train": d[1].n_obs, "n_test": None if d[2] is None else d[2].n_obs} for s, d in data.items()},
+                "data": {**(earlier["data"] if earlier else {}),
+                         **{s: {"n_cells": d[0].n_obs, "n_genes": d[0].n_vars, "model": MODEL[s],
+                                "n_train": d[1].n_obs, "n_test": None if d[2] is None else d[2].n_obs}
+                            for s, d in data.items()}},
                 "machine": {"python": platform.python_version(), "torch": torch.__version__,
                             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                             "load_average_before": [round(x, 2) for x in load_before],
                             "load_average_now": [round(x, 2) for x in os.getloadavg()]},
+                "appended_to": earlier["machine"] if earlier else None,
                 "runs": runs, "summary": summarize(runs),
             }
             out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
 
-    lines = [f"Paired runs over seeds {args.seeds}, {args.threads} torch thread(s), train_size 1.0, batch 128; "
+    lines = [f"Paired runs over seeds {results['settings']['seeds']} (pairs per size below), {args.threads} torch thread(s), train_size 1.0, batch 128; "
              f"load average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores.",
              "Speed-up: scvi-tools' seconds per epoch over mini_scvi's, geometric mean over seeds with a t 95% interval "
              "(on log ratios); metric differences: mini_scvi - scvi-tools, mean and t 95% interval over seeds.", "",
-             "| data | model | epochs | s/epoch mini_scvi | s/epoch scvi-tools | speed-up | 95% interval |",
-             "|---|---|---|---|---|---|---|"]
+             "| data | model | epochs | pairs | s/epoch mini_scvi | s/epoch scvi-tools | speed-up | 95% interval |",
+             "|---|---|---|---|---|---|---|---|"]
     summary = results["summary"]
     for size, s in summary.items():
         d = results["data"][size]
         ci = "" if s["speedup_low"] is None else f"{s['speedup_low']:.2f} to {s['speedup_high']:.2f}"
-        lines.append(f"| {size} ({d['n_cells']} x {d['n_genes']}) | {s['model']} | {epochs[size]} | "
+        lines.append(f"| {size} ({d['n_cells']} x {d['n_genes']}) | {s['model']} | {epochs[size]} | {len(s['seeds'])} | "
                      f"{s['seconds_per_epoch']['mini_scvi']:.3f} | {s['seconds_per_epoch']['scvi_tools']:.3f} | "
                      f"**{s['speedup_geomean']:.2f}x** | {ci} |")
     for size, s in summary.items():
