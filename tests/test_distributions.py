@@ -415,3 +415,22 @@ def test_fast_log_prob_with_given_nonzero_positions(fn):
         torch.testing.assert_close(g1, g2, rtol=0, atol=0)
     assert torch.autograd.gradcheck(lambda *p: (nb_log_prob_fast(x, *p[:2], nonzero) if fn == "nb"
                                                 else zinb_log_prob_fast(x, *p, nonzero)), params)
+
+
+def test_nb_and_zinb_in_one_pass_equal_the_two_separate_calls():
+    """AutoZI's two branches from one pass (chapter 7): same values, and gradients of any mixture of
+    the two outputs equal the readable functions' (a wrong NB gradient term would fail here)."""
+    from mini_scvi.distributions import nb_and_zinb_log_prob_fast
+
+    x, mu, theta, zi = _t(*_grid(XS, MUS, THETAS, ZI_LOGITS))
+    params = [t.requires_grad_(True) for t in (mu, theta, zi)]
+    zinb, nb = nb_and_zinb_log_prob_fast(x, mu, theta, zi)
+    zinb_ref = zinb_log_prob(x, mu, theta, zi, include_constant=False)
+    nb_ref = nb_log_prob(x, mu, theta, include_constant=False)
+    torch.testing.assert_close(zinb, zinb_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nb, nb_ref, rtol=1e-12, atol=1e-12)
+    weights = torch.linspace(0.1, 0.9, x.numel(), dtype=x.dtype).reshape(x.shape)
+    fast = torch.autograd.grad((weights * zinb + (1 - weights) * 2 * nb).sum(), params)
+    ref = torch.autograd.grad((weights * zinb_ref + (1 - weights) * 2 * nb_ref).sum(), params)
+    for g_fast, g_ref in zip(fast, ref):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-9, atol=1e-9)
