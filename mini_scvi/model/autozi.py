@@ -166,7 +166,6 @@ class AUTOZI(SCVI):
     @torch.no_grad()
     def get_alphas_betas(self, as_numpy: bool = True) -> dict:
         """Posterior Beta parameters per gene (n_genes,) or (n_genes, n_batch | n_labels), and the prior's."""
-        self._check_if_trained("get_alphas_betas")
         out = self.module.get_alphas_betas()
         return {k: v.detach().cpu().numpy() for k, v in out.items()} if as_numpy else out
 
@@ -176,7 +175,6 @@ class AUTOZI(SCVI):
         ``mean_expression`` is the raw mean count (per batch or label in those modes): calls for genes
         with a mean below 1 are unreliable (Clivio et al. 2019), so ``reliable`` flags mean > 1.
         """
-        self._check_if_trained("get_zero_inflation")
         adata = self._validate_anndata(adata)
         ab = {k: v.detach().cpu().numpy() for k, v in self.module.get_alphas_betas().items()}
         zi_prob = beta_dist.cdf(0.5, ab["alpha_posterior"], ab["beta_posterior"])
