@@ -31,16 +31,9 @@ import mini_scvi
 
 REPO = Path(__file__).resolve().parents[1]
 CHAPTER = REPO / "book" / "01_counts.ipynb"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+sys.path.insert(0, str(REPO / "tests" / "site"))
+from check_site import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (one set of browser flags for both tests)
+
 MARK = "MINI_SCVI_LAB_CHECK"
 CELL = f"import sys, mini_scvi\nprint('{MARK}', 6 * 7, mini_scvi.__version__, sys.prefix)"
 SERVER_START_S = 45  # bounded waits, seconds
