@@ -6,7 +6,9 @@ The instructor notebooks (exercises/exNN_*.ipynb) use nbgrader's markers:
   lines around the region (the function signature and docstring) and replaces the region by
   ``raise NotImplementedError()`` at the region's indentation. A region that only sets ``answer``
   (a multiple-choice question) becomes ``answer = None  # your answer``.
-* ``### BEGIN HIDDEN TESTS`` / ``### END HIDDEN TESTS`` inside a check cell: removed.
+* ``### BEGIN HIDDEN TESTS`` / ``### END HIDDEN TESTS``: removed. Hidden tests sit in cells of their
+  own (nbgrader autograder-test cells, right after the visible check cell, tagged ``remove-cell``
+  so that the book does not render them); a cell left empty by the removal is dropped.
 
 Outputs and execution counts are cleared, the ``hide-input`` tag (which folds solutions in the
 book) is dropped from solution cells, and ``# NBVAL_CHECK_OUTPUT`` lines are removed.
@@ -108,9 +110,18 @@ def strip_source(source: str, cell_type: str, where: str = "") -> tuple[str, int
     return "\n".join(out), n_solution, n_hidden
 
 
+def is_hidden_test_cell(cell) -> bool:
+    """A cell that holds nothing but hidden tests (it is dropped from student versions)."""
+    if BEGIN_HIDDEN not in cell.source:
+        return False
+    source, n_solution, n_hidden = strip_source(cell.source, cell.cell_type)
+    return n_hidden > 0 and n_solution == 0 and not source.strip()
+
+
 def student_notebook(nb: nbformat.NotebookNode, name: str = "notebook") -> nbformat.NotebookNode:
     """A student copy of an instructor notebook: no solutions, no hidden tests, no outputs."""
     nb = copy.deepcopy(nb)
+    nb.cells = [cell for cell in nb.cells if not is_hidden_test_cell(cell)]
     for i, cell in enumerate(nb.cells):
         source, n_solution, _ = strip_source(cell.source, cell.cell_type, f"{name}, cell {i}")
         cell.source = source

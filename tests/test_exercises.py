@@ -22,8 +22,10 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from scipy import stats as _scipy_stats
 from scipy.stats import beta as _beta_dist
 
 from mini_scvi.distributions import nb_log_prob as _nb_lp, zinb_log_prob as _zinb_lp
@@ -31,8 +33,8 @@ from mini_scvi.distributions import nb_log_prob as _nb_lp, zinb_log_prob as _zin
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "exercises"
 NOTEBOOKS = [
-    "ex02_autoencoders.ipynb", "ex03_vae.ipynb", "ex04_count_likelihoods.ipynb",
-    "ex05_scvi.ipynb", "ex06_scvi_downstream.ipynb", "ex07_autozi.ipynb",
+    "ex01_counts.ipynb", "ex02_autoencoders.ipynb", "ex03_vae.ipynb", "ex04_count_likelihoods.ipynb",
+    "ex05_scvi.ipynb", "ex06_scvi_downstream.ipynb", "ex07_autozi.ipynb", "ex08_comparing.ipynb",
 ]
 MARKERS = ["### BEGIN SOLUTION", "### END SOLUTION", "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"]
 
@@ -664,11 +666,252 @@ PACKAGE.update({
 })
 
 
+# --------------------------------------------------------------------------- exercise 1: counts
+
+
+def _n_entries(x):
+    return x.shape[0] * x.shape[1]
+
+
+def sparsity(x):
+    nonzero = x != 0  # sparse, without the explicitly stored zeros
+    return 1 - nonzero.sum() / _n_entries(x), int((nonzero.sum(axis=0) == 0).sum())
+
+
+def library_size_and_genes(x):
+    return np.asarray(x.sum(axis=1)).ravel(), np.asarray((x > 0).sum(axis=1)).ravel()
+
+
+def gene_mean_var(x):
+    n = x.shape[0]
+    mean = np.asarray(x.mean(axis=0)).ravel()
+    mean_sq = np.asarray(x.multiply(x).mean(axis=0)).ravel()
+    return mean, (mean_sq - mean**2) * n / (n - 1)
+
+
+def poisson_zero_fraction(mean, library_size):
+    return np.exp(-np.outer(mean, library_size / library_size.mean())).mean(axis=1)
+
+
+def nb_theta_moments(mean, var):
+    return np.sum(mean**4) / np.sum((var - mean) * mean**2)
+
+
+CORRECT.update({
+    "check_sparsity": sparsity,
+    "check_library_size_and_genes": library_size_and_genes,
+    "check_gene_mean_var": gene_mean_var,
+    "check_poisson_zero_fraction": poisson_zero_fraction,
+    "check_nb_theta_moments": nb_theta_moments,
+})
+ALTERNATIVES.update({
+    "check_sparsity": [
+        lambda x: (lambda c: (1 - c.count_nonzero() / _n_entries(x), int((np.diff(c.indptr) == 0).sum())))(
+            sp.csc_matrix(x != 0)),  # per gene from the column pointers, once the stored zeros are gone
+    ],
+    "check_library_size_and_genes": [
+        lambda x: (np.ravel(x.sum(1)), np.ravel(x.astype(bool).astype(np.int64).sum(1))),  # astype(bool) drops zeros
+    ],
+    "check_gene_mean_var": [
+        lambda x: (lambda s, s2, n: (s / n, (s2 - s**2 / n) / (n - 1)))(  # from sums, the textbook way
+            np.ravel(x.sum(0)).astype(float), np.ravel(x.power(2).sum(0)).astype(float), x.shape[0]),
+    ],
+    "check_poisson_zero_fraction": [
+        lambda m, lib: np.array([np.mean(np.exp(-mg * lib * len(lib) / lib.sum())) for mg in m]),
+    ],
+    "check_nb_theta_moments": [
+        lambda m, v: 1 / np.linalg.lstsq((m**2)[:, None], v - m, rcond=None)[0][0],  # least squares by numpy
+    ],
+})
+WRONG.update({
+    "check_sparsity": [
+        lambda x: (1 - x.nnz / _n_entries(x), sparsity(x)[1]),  # stored zeros counted as counts
+        lambda x: (sparsity(x)[0], int((np.diff(x.tocsc().indptr) == 0).sum())),  # stored zeros again
+        lambda x: (sparsity(x)[0], int(((x != 0).sum(axis=1) == 0).sum())),  # cells, not genes
+        lambda x: (lambda d: ((d == 0).mean(), int((d.sum(0) == 0).sum())))(x.toarray()),  # densified
+        lambda x: ((x.data == 0).mean(), sparsity(x)[1]),  # zeros among the stored values only
+    ],
+    "check_library_size_and_genes": [
+        lambda x: (x.sum(axis=1), library_size_and_genes(x)[1]),  # an (n, 1) matrix
+        lambda x: (library_size_and_genes(x)[0], np.diff(x.indptr)),  # stored entries per cell
+        lambda x: (np.asarray(x.sum(axis=0)).ravel(), library_size_and_genes(x)[1]),  # per gene
+        lambda x: (lambda d: (d.sum(1), (d > 0).sum(1)))(x.toarray()),  # densified
+    ],
+    "check_gene_mean_var": [
+        lambda x: (lambda m, v: (m, v * (x.shape[0] - 1) / x.shape[0]))(*gene_mean_var(x)),  # ddof = 0
+        lambda x: (lambda m, v: (m, np.asarray(x.multiply(x).mean(axis=0)).ravel() - m))(*gene_mean_var(x)),
+        lambda x: (np.asarray(x.mean(axis=1)).ravel(), gene_mean_var(x)[1]),  # per cell
+        lambda x: (lambda d: (d.mean(0), d.var(0, ddof=1)))(x.todense()),  # densified
+    ],
+    "check_poisson_zero_fraction": [
+        lambda m, lib: np.exp(-m),  # library sizes ignored
+        lambda m, lib: np.exp(-np.outer(m, lib)).mean(1),  # library sizes, not size factors
+        lambda m, lib: np.exp(-m * (lib / lib.mean()).mean()),  # the size factors averaged first (Jensen)
+        lambda m, lib: np.exp(-np.outer(m, lib / lib.mean())).mean(0)[: len(m)],  # averaged over genes
+    ],
+    "check_nb_theta_moments": [
+        lambda m, v: 1 / nb_theta_moments(m, v),  # the dispersion 1 / theta
+        lambda m, v: np.sum(m**4) / np.sum(v * m**2),  # the Poisson part left in
+        lambda m, v: np.mean(m**2 / (v - m)),  # the mean of per-gene estimates
+        lambda m, v: np.median(m**2 / (v - m)),  # their median
+    ],
+})
+
+
+# --------------------------------------------------------------------------- exercise 2: principal angles
+
+
+def subspace_cosines(a, b):
+    q_a, q_b = torch.linalg.qr(a)[0], torch.linalg.qr(b)[0]
+    return torch.linalg.svdvals(q_a.T @ q_b).clamp(0.0, 1.0)
+
+
+def _unit_columns(m):
+    return m / m.norm(dim=0)
+
+
+CORRECT["check_subspace_cosines"] = subspace_cosines
+ALTERNATIVES["check_subspace_cosines"] = [
+    # orthonormal bases from the SVD instead of QR
+    lambda a, b: torch.linalg.svdvals(torch.linalg.svd(a, full_matrices=False)[0].T
+                                      @ torch.linalg.svd(b, full_matrices=False)[0]).clamp(0, 1),
+    # cos^2 are the largest eigenvalues of P_a P_b P_a, with P the orthogonal projections
+    lambda a, b: (lambda pa, pb: torch.linalg.eigvalsh(pa @ pb @ pa).flip(0)[: min(a.shape[1], b.shape[1])]
+                  .clamp(0, 1).sqrt())(*(m @ torch.linalg.pinv(m) for m in (a, b))),
+]
+WRONG["check_subspace_cosines"] = [
+    lambda a, b: torch.linalg.svdvals(a.T @ b),  # bases not orthonormalized
+    lambda a, b: torch.linalg.svdvals(_unit_columns(a).T @ _unit_columns(b)),  # unit but not orthogonal columns
+    lambda a, b: (_unit_columns(a) * _unit_columns(b)).sum(0).abs(),  # column by column
+    lambda a, b: torch.arccos(subspace_cosines(a, b)),  # the angles, not their cosines
+    lambda a, b: subspace_cosines(a, b).flip(0),  # smallest first
+    lambda a, b: torch.linalg.svdvals(torch.linalg.qr(a)[0].T @ b),  # only a orthonormalized
+]
+
+
+# --------------------------------------------------------------------------- exercise 8: comparing implementations
+
+
+def paired_t_interval(a, b, level=0.95):
+    d = a - b
+    half = _scipy_stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half
+
+
+def _resampled_means(d, n_boot, seed, statistic=np.mean):
+    return statistic(d[np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))], axis=1)
+
+
+def bootstrap_interval(a, b, level=0.95, n_boot=10_000, seed=0):
+    low, high = np.quantile(_resampled_means(a - b, n_boot, seed), [(1 - level) / 2, (1 + level) / 2])
+    return low, high
+
+
+def welch_interval(a, b, level=0.95):
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = _scipy_stats.t.ppf((1 + level) / 2, df) * math.sqrt(va + vb)
+    return a.mean() - b.mean(), a.mean() - b.mean() - half, a.mean() - b.mean() + half
+
+
+def _with_multiplier(a, b, level, multiplier, ddof=1, scale=True):
+    """The paired interval with another multiplier or spread: the mistakes of exercise 1."""
+    d = a - b
+    se = d.std(ddof=ddof) / (math.sqrt(len(d)) if scale else 1.0)
+    return d.mean(), d.mean() - multiplier * se, d.mean() + multiplier * se
+
+
+def _permuted_bootstrap(a, b, level=0.95, n_boot=10_000, seed=0):  # resamples without replacement
+    rng, d = np.random.default_rng(seed), a - b
+    return tuple(np.quantile([rng.permutation(d).mean() for _ in range(n_boot)], [(1 - level) / 2, (1 + level) / 2]))
+
+
+def _unpaired_bootstrap(a, b, level=0.95, n_boot=10_000, seed=0):  # a and b resampled separately
+    rng = np.random.default_rng(seed)
+    means = (a[rng.integers(0, len(a), (n_boot, len(a)))].mean(1) - b[rng.integers(0, len(b), (n_boot, len(b)))].mean(1))
+    return tuple(np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
+
+
+def _normal_bootstrap(a, b, level=0.95, n_boot=10_000, seed=0):  # mean +- z sd of the resampled means
+    means = _resampled_means(a - b, n_boot, seed)
+    z = _scipy_stats.norm.ppf((1 + level) / 2)
+    return means.mean() - z * means.std(), means.mean() + z * means.std()
+
+
+CORRECT.update({
+    "check_paired_t_interval": paired_t_interval,
+    "check_bootstrap_interval": bootstrap_interval,
+    "check_welch_interval": welch_interval,
+})
+ALTERNATIVES.update({
+    "check_paired_t_interval": [
+        lambda a, b, level=0.95: (lambda ci: ((a - b).mean(), ci.low, ci.high))(
+            _scipy_stats.ttest_rel(a, b).confidence_interval(confidence_level=level)),
+    ],
+    "check_bootstrap_interval": [
+        lambda a, b, level=0.95, n_boot=10_000, seed=0: tuple(np.percentile(  # a loop and np.percentile
+            [np.random.default_rng(seed + i).choice(a - b, len(a)).mean() for i in range(n_boot)],
+            [50 * (1 - level), 50 * (1 + level)])),
+    ],
+    "check_welch_interval": [
+        lambda a, b, level=0.95: (lambda ci: (a.mean() - b.mean(), ci.low, ci.high))(
+            _scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence_level=level)),
+    ],
+})
+WRONG.update({
+    "check_paired_t_interval": [
+        lambda a, b, level=0.95: _with_multiplier(a, b, level, _scipy_stats.norm.ppf((1 + level) / 2)),  # normal
+        lambda a, b, level=0.95: _with_multiplier(a, b, level, _scipy_stats.t.ppf((1 + level) / 2, len(a) - 1), ddof=0),
+        lambda a, b, level=0.95: welch_interval(a, b, level),  # the pairing ignored
+        lambda a, b, level=0.95: _with_multiplier(a, b, level, _scipy_stats.t.ppf(level, len(a) - 1)),  # one-sided
+        lambda a, b, level=0.95: (lambda m, lo, hi: (-m, -hi, -lo))(*paired_t_interval(a, b, level)),  # b - a
+        lambda a, b, level=0.95: _with_multiplier(a, b, level, _scipy_stats.t.ppf((1 + level) / 2, len(a) - 1),
+                                                  scale=False),  # the spread, not the standard error
+    ],
+    "check_bootstrap_interval": [
+        _permuted_bootstrap,
+        _unpaired_bootstrap,
+        _normal_bootstrap,
+        lambda a, b, level=0.95, n_boot=10_000, seed=0: bootstrap_interval(a, b, level, n_boot, None),  # unseeded
+        lambda a, b, level=0.95, n_boot=10_000, seed=0: tuple(np.quantile(  # quantiles at 1 - level and level
+            _resampled_means(a - b, n_boot, seed), [1 - level, level])),
+        lambda a, b, level=0.95, n_boot=10_000, seed=0: tuple(np.quantile(  # the median, not the mean
+            _resampled_means(a - b, n_boot, seed, np.median), [(1 - level) / 2, (1 + level) / 2])),
+    ],
+    "check_welch_interval": [
+        lambda a, b, level=0.95: (lambda ci: (a.mean() - b.mean(), ci.low, ci.high))(  # pooled variance
+            _scipy_stats.ttest_ind(a, b, equal_var=True).confidence_interval(confidence_level=level)),
+        lambda a, b, level=0.95: (lambda d, se, z: (d, d - z * se, d + z * se))(  # normal multiplier
+            a.mean() - b.mean(), math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)),
+            _scipy_stats.norm.ppf((1 + level) / 2)),
+        lambda a, b, level=0.95: paired_t_interval(a, b, level),  # pairs samples that are not paired
+        lambda a, b, level=0.95: (lambda d, se, t: (d, d - t * se, d + t * se))(  # df n_a + n_b - 2
+            a.mean() - b.mean(), math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)),
+            _scipy_stats.t.ppf((1 + level) / 2, len(a) + len(b) - 2)),
+    ],
+})
+
+
 # --------------------------------------------------------------------------- checker tests
 
 
 def test_every_checker_is_covered():
     assert set(CORRECT) == set(WRONG) == set(ALTERNATIVES) == {n for n in checks.__all__ if n != "check_answer"}
+    assert all(WRONG.values())  # every checker is shown to reject at least one wrong answer
+
+
+def test_every_notebook_is_tested_and_in_the_book():
+    import yaml
+
+    on_disk = sorted(p.name for p in EX.glob("ex*.ipynb"))
+    assert on_disk == sorted(NOTEBOOKS)
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [c["file"] for part in toc["parts"] for c in part.get("chapters", [])]
+    assert [f for f in files if f.startswith("exercises/")] == [f"exercises/{n[:-6]}" for n in on_disk]
+    readme = (EX / "README.md").read_text()
+    assert all(f"`{n}`" in readme for n in on_disk)
+    used = {name for path in EX.glob("ex*.ipynb") for name in checks.__all__ if name in path.read_text()}
+    assert used == set(checks.__all__)  # every checker is called by a notebook
 
 
 @pytest.mark.parametrize("checker", sorted(CORRECT))
@@ -782,15 +1025,30 @@ def _meta(cell) -> dict:
     return cell.metadata.get("nbgrader", {})
 
 
+def _hidden(cell) -> bool:
+    return make_student.is_hidden_test_cell(cell)
+
+
+def _visible_checks(nb) -> list:
+    return [c for c in nb.cells if _meta(c).get("grade") and not _hidden(c)]
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_instructor_notebook_is_well_formed(name):
     nb = nbformat.read(EX / name, as_version=4)
     nbformat.validate(nb)
     solutions = [c for c in nb.cells if _meta(c).get("solution")]
-    checks_ = [c for c in nb.cells if _meta(c).get("grade")]
+    checks_ = _visible_checks(nb)
+    hidden = [c for c in nb.cells if _hidden(c)]
     assert 3 <= len(solutions) <= 6 and len(solutions) == len(checks_)
-    ids = [_meta(c)["grade_id"] for c in solutions + checks_]
+    ids = [_meta(c)["grade_id"] for c in solutions + checks_ + hidden]
     assert len(set(ids)) == len(ids)
+    previous = {nb.cells[i + 1].id: nb.cells[i] for i in range(len(nb.cells) - 1)}
+    for cell in hidden:  # an nbgrader test cell right after its check cell, not rendered by the book
+        assert "remove-cell" in cell.metadata.get("tags", []), cell.id
+        assert _meta(cell).get("grade") and _meta(cell).get("locked") and _meta(cell).get("points", 0) > 0
+        assert _meta(cell)["grade_id"].endswith("-hidden")
+        assert previous[cell.id] in checks_, cell.id
     for cell in solutions:  # solutions are folded in the book and hold a solution region
         assert "hide-input" in cell.metadata.get("tags", [])
         assert cell.source.count("### BEGIN SOLUTION") == 1
@@ -799,8 +1057,8 @@ def test_instructor_notebook_is_well_formed(name):
     for cell in nb.cells:  # markers only in nbgrader cells, so nbgrader accepts the notebook
         if "### BEGIN SOLUTION" in cell.source:
             assert _meta(cell).get("solution")
-        if "### BEGIN HIDDEN TESTS" in cell.source:
-            assert _meta(cell).get("grade")
+        if "### BEGIN HIDDEN TESTS" in cell.source:  # only in cells of their own
+            assert _meta(cell).get("grade") and _hidden(cell), cell.id
     titles = [c.source.splitlines()[0] for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("# ")]
     assert len(titles) == 1 and nb.cells[0].source.startswith("# ")
 
@@ -810,7 +1068,8 @@ def test_student_notebook_has_no_solutions(student_dir, name):
     instructor = nbformat.read(EX / name, as_version=4)
     student = nbformat.read(student_dir / name, as_version=4)
     nbformat.validate(student)
-    assert [c.id for c in student.cells] == [c.id for c in instructor.cells]
+    kept = [c for c in instructor.cells if not _hidden(c)]  # hidden-test cells are dropped
+    assert [c.id for c in student.cells] == [c.id for c in kept]
     text = "\n".join(c.source for c in student.cells)
     for marker in MARKERS:
         assert marker not in text
@@ -826,7 +1085,7 @@ def test_student_notebook_has_no_solutions(student_dir, name):
     student_lines = {ln.strip() for ln in text.splitlines()}
     leaked = [ln.strip() for ln in hidden_lines if ln.strip() and ln.strip() not in outside and ln.strip() in student_lines]
     assert not leaked, leaked
-    for s_cell, i_cell in zip(student.cells, instructor.cells):
+    for s_cell, i_cell in zip(student.cells, kept):
         if s_cell.cell_type == "code":
             assert s_cell.outputs == [] and s_cell.execution_count is None
             assert "NBVAL_CHECK_OUTPUT" not in s_cell.source
@@ -880,7 +1139,7 @@ def test_instructor_notebook_checks_are_compared_by_nbval(name):
     over exercises/) re-executes the instructor notebook and fails unless each check prints the same
     PASS again. (Executing the notebooks here as well would only double the time of the suite.)"""
     nb = nbformat.read(EX / name, as_version=4)
-    graded = [c for c in nb.cells if _meta(c).get("grade")]
+    graded = _visible_checks(nb)
     assert graded
     for cell in graded:
         assert _nbval_checks(cell), f"{cell.id}: mark it '# NBVAL_CHECK_OUTPUT' or tag it 'nbval-check-output'"
@@ -895,7 +1154,7 @@ def test_instructor_notebook_is_stored_executed(name):
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.execution_count is not None, cell.id
-        if _meta(cell).get("grade"):
+        if _meta(cell).get("grade") and not _hidden(cell):
             assert any("PASS: " in o.get("text", "") for o in cell.outputs), cell.id
     assert any(c.source.startswith("# NBVAL_CHECK_OUTPUT") for c in nb.cells if c.cell_type == "code")
 
@@ -904,7 +1163,8 @@ def test_instructor_notebook_is_stored_executed(name):
 
 
 def test_grade_reports_each_exercise(student_dir, tmp_path, capsys):
-    """A submission with only the first two answers filled in passes exactly those two checks."""
+    """A submission with only the first two answers filled in passes exactly those two checks and their
+    hidden tests."""
     name = "ex04_count_likelihoods.ipynb"
     instructor = nbformat.read(EX / name, as_version=4)
     submission = nbformat.read(student_dir / name, as_version=4)
@@ -922,10 +1182,11 @@ def test_grade_reports_each_exercise(student_dir, tmp_path, capsys):
     assert code == 1
     results = {line.split()[0]: line.split()[1] for line in report.splitlines() if line.startswith("ex04-")}
     assert results == {
-        "ex04-poisson-check": "PASS", "ex04-nb-check": "PASS", "ex04-zinb-check": "FAIL",
-        "ex04-sample-check": "FAIL", "ex04-zeros-check": "FAIL",
+        "ex04-poisson-check": "PASS", "ex04-poisson-hidden": "PASS", "ex04-nb-check": "PASS",
+        "ex04-nb-hidden": "PASS", "ex04-zinb-check": "FAIL", "ex04-zinb-hidden": "FAIL",
+        "ex04-sample-check": "FAIL", "ex04-sample-hidden": "FAIL", "ex04-zeros-check": "FAIL",
     }
-    assert "2/5 points" in report
+    assert "4/9 points" in report
     graded = nbformat.read(tmp_path / "graded.ipynb", as_version=4)
     assert any("### BEGIN HIDDEN TESTS" in c.source for c in graded.cells)  # the hidden tests ran
 

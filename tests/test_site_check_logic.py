@@ -137,3 +137,90 @@ def test_check_links_and_is_local(tmp_path):
     assert cs.check_links(site, base, links) == ["book/nope.html"]
     assert cs.is_local(base + "x.js") and cs.is_local("data:image/png;base64,AA")
     assert not cs.is_local("https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml.js")
+
+
+# --------------------------------------------------------------------------- hidden tests of the exercises
+
+def _notebook(*sources: str) -> str:
+    cells = [{"cell_type": "code", "source": s.splitlines(keepends=True), "metadata": {}, "outputs": [],
+              "execution_count": 1} for s in sources]
+    return json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
+
+
+CHECK = "from scipy import stats\ncheck_log_nb(log_nb)"
+HIDDEN = ("### BEGIN HIDDEN TESTS\nfrom scipy import stats\n\n# dz/dvar = z / (2 var) at mu = 0\n"
+          "assert torch.allclose(var.grad, z.detach() / 8)\n)\n### END HIDDEN TESTS")
+HIDDEN_LINES = ["# dz/dvar = z / (2 var) at mu = 0", "assert torch.allclose(var.grad, z.detach() / 8)"]
+# how Sphinx and Pygments render the check cell: one span per token, entities for < > & "
+PAGE = ('<div class="cell_input"><pre><span class="n">check_log_nb</span><span class="p">(</span>'
+        '<span class="n">log_nb</span><span class="p">)</span></pre></div>')
+LEAKY = PAGE + ('<pre><span class="k">assert</span> <span class="n">torch</span><span class="o">.</span>'
+                '<span class="n">allclose</span><span class="p">(</span><span class="n">var</span>'
+                '<span class="o">.</span><span class="n">grad</span><span class="p">,</span>  '
+                '<span class="n">z</span><span class="o">.</span><span class="n">detach</span>'
+                '<span class="p">()</span> <span class="o">/</span> <span class="mi">8</span>'
+                '<span class="p">)</span></pre>')
+
+
+def test_hidden_test_lines_are_the_long_lines_found_only_inside_hidden_regions():
+    # the import is shared with the visible check cell and ")" is too short: neither proves a leak
+    assert cs.hidden_test_lines(_notebook(CHECK, HIDDEN)) == sorted(HIDDEN_LINES)
+    assert cs.hidden_test_lines(_notebook(CHECK)) == []
+    assert cs.hidden_test_lines("not json") == []
+
+
+def test_page_text_joins_highlighted_tokens_and_decodes_entities():
+    assert cs.page_text(LEAKY).endswith("assert torch.allclose(var.grad, z.detach() / 8)")
+    assert cs.page_text("<p>a &lt; b &amp;&amp;\n  c</p>") == "a < b && c"
+
+
+def test_hidden_test_leaks_finds_markers_and_hidden_lines():
+    assert cs.hidden_test_leaks(cs.page_text(PAGE), HIDDEN_LINES) == []
+    assert cs.hidden_test_leaks(cs.page_text(LEAKY), HIDDEN_LINES) == [HIDDEN_LINES[1]]
+    assert cs.hidden_test_leaks("x\n### BEGIN HIDDEN TESTS\n# dz/dvar =  z / (2 var) at mu = 0", HIDDEN_LINES) == [
+        "### BEGIN HIDDEN TESTS", HIDDEN_LINES[0]]  # whitespace does not hide a leak
+
+
+def _exercise_site(tmp_path: Path, page: str, source: str | None) -> tuple[Path, Path]:
+    site, exercises = tmp_path / "html", tmp_path / "exercises"
+    (site / "exercises").mkdir(parents=True)
+    exercises.mkdir()
+    (exercises / "ex03_vae.ipynb").write_text(_notebook(CHECK, HIDDEN))
+    (site / "exercises" / "ex03_vae.html").write_text(page)
+    (site / "exercises" / "ex04_other.html").write_text("<p>no notebook of that name: nothing to compare</p>")
+    if source is not None:
+        (site / "_sources" / "exercises").mkdir(parents=True)
+        (site / "_sources" / "exercises" / "ex03_vae.ipynb").write_text(source)
+    return site, exercises
+
+
+def test_hidden_test_problems_passes_a_page_without_hidden_tests(tmp_path):
+    site, exercises = _exercise_site(tmp_path, PAGE, source=_notebook(CHECK))
+    assert cs.hidden_test_problems(site, exercises) == {}
+
+
+def test_hidden_test_problems_fails_a_page_that_shows_a_hidden_string(tmp_path):
+    site, exercises = _exercise_site(tmp_path, LEAKY, source=None)
+    problems = cs.hidden_test_problems(site, exercises)
+    assert list(problems) == ["exercises/ex03_vae.html"]
+    assert "shown on the page" in problems["exercises/ex03_vae.html"][0]
+    assert HIDDEN_LINES[1] in problems["exercises/ex03_vae.html"][0]
+
+
+def test_hidden_test_problems_fails_a_downloadable_source_with_hidden_tests(tmp_path):
+    site, exercises = _exercise_site(tmp_path, PAGE, source=_notebook(CHECK, HIDDEN))
+    (reason,) = cs.hidden_test_problems(site, exercises)["exercises/ex03_vae.html"]
+    assert "downloadable source _sources/exercises/ex03_vae.ipynb" in reason
+
+
+def test_hidden_test_lines_of_the_real_exercise_notebooks():
+    """Every notebook with hidden tests gives strings to look for; ex03's include the gradient
+    comment that the rendered book used to show."""
+    notebooks = sorted(cs.EXERCISES.glob("ex*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        text = path.read_text()
+        if cs.HIDDEN_BEGIN in text:
+            assert cs.hidden_test_lines(text), path.name
+    ex03 = cs.hidden_test_lines((cs.EXERCISES / "ex03_vae.ipynb").read_text())
+    assert any("z / (2 var)" in line for line in ex03)

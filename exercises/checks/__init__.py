@@ -23,14 +23,16 @@ Layout: ``_common.py`` holds the shared PASS/FAIL machinery and the question reg
 package (``from checks import check_kl_beta``), which re-exports every checker.
 """
 
-from . import ex02, ex03, ex04, ex05, ex06, ex07
+from . import ex01, ex02, ex03, ex04, ex05, ex06, ex07, ex08
 from ._common import _QUESTIONS, _digest, check_answer
+from .ex01 import *  # noqa: F403
 from .ex02 import *  # noqa: F403
 from .ex03 import *  # noqa: F403
 from .ex04 import *  # noqa: F403
 from .ex05 import *  # noqa: F403
 from .ex06 import *  # noqa: F403
 from .ex07 import *  # noqa: F403
+from .ex08 import *  # noqa: F403
 
-_MODULES = (ex02, ex03, ex04, ex05, ex06, ex07)
+_MODULES = (ex01, ex02, ex03, ex04, ex05, ex06, ex07, ex08)
 __all__ = ["check_answer"] + [name for module in _MODULES for name in module.__all__]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -14,7 +15,8 @@ from mini_scvi.nn import FCLayers
 from ._common import (add_questions, _call, _check_tensor, _check_unchanged, _clone, _close, _compare,
                       _deterministic, _fail, _pass, _rng)
 
-__all__ = ["check_log_normalize", "check_ae_forward", "check_reconstruction_loss", "check_pca_reconstruction"]
+__all__ = ["check_log_normalize", "check_ae_forward", "check_reconstruction_loss", "check_pca_reconstruction",
+           "check_subspace_cosines"]
 
 add_questions({
     "ex02-linear-ae": (
@@ -195,3 +197,58 @@ def check_pca_reconstruction(pca_reconstruction: Callable) -> None:
         _compare(name, out, expected, where, hint, rtol=tol, atol=tol * max(1.0, float(np.abs(xn).max())))
     _pass(name, f"matches scikit-learn's PCA reconstruction on {len(cases)} inputs (k = 1 .. n_genes, "
           "offset data, float32).")
+
+
+def _ref_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between span(a) and span(b), largest first, by scipy."""
+    from scipy.linalg import subspace_angles
+
+    angles = subspace_angles(a.double().numpy(), b.double().numpy())  # largest angle first
+    return torch.from_numpy(np.cos(angles[::-1]).copy())
+
+
+@_deterministic
+def check_subspace_cosines(subspace_cosines: Callable) -> None:
+    """``subspace_cosines(a, b) -> (min(k, l),)``: the cosines of the principal angles between the
+    column spaces of a (n, k) and b (n, l), largest first, against ``scipy.linalg.subspace_angles``."""
+    name = "subspace_cosines"
+    hint = ("principal angles compare two subspaces, not the vectors that happen to span them: the answer "
+            "must not change if a is replaced by a A for any invertible k x k matrix A (re-read the statement "
+            "on orthonormal bases; chapter 2, 'The linear autoencoder is PCA').")
+    g = _rng()
+    d = torch.float64
+
+    def randn(*shape, dtype=d):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    basis = torch.linalg.qr(randn(30, 6))[0]
+    a3, rest = basis[:, :3], basis[:, 3:]
+    mix = randn(3, 3) + 3 * torch.eye(3, dtype=d)  # invertible, far from orthogonal
+    tilted = torch.cat([a3[:, :2], (a3[:, 2:] + 0.5 * rest[:, :1]) / math.sqrt(1.25)], dim=1)
+    cases = [
+        ("for two random 3-dimensional subspaces of R^30", randn(30, 3), randn(30, 3)),
+        ("for the same subspace spanned by other, non-orthogonal vectors", a3, a3 @ mix),
+        ("for the same subspace with columns of very different lengths", a3 * torch.tensor([1e-3, 1.0, 1e3], dtype=d), a3),
+        ("for orthogonal subspaces", a3, rest),
+        ("for subspaces that share two directions and tilt in the third", a3 @ mix, tilted),
+        ("for a 3- and a 2-dimensional subspace", randn(30, 3), randn(30, 2)),
+        ("for a single direction against a subspace", randn(30, 1), a3),
+        ("in float32", randn(40, 4, dtype=torch.float32), randn(40, 4, dtype=torch.float32)),
+    ]
+    for where, a, b in cases:
+        orig = _clone(a, b)
+        out = _call(subspace_cosines, name, a, b)
+        _check_unchanged(name, orig, [a, b])
+        _check_tensor(name, out, (min(a.shape[1], b.shape[1]),), a.dtype, "the cosines")
+        expected = _ref_cosines(*orig)
+        got = out.detach().double()
+        if (got < -1e-6).any() or (got > 1 + 1e-5).any():
+            _fail(name, f"values outside [0, 1] {where}.",
+                  "these are cosines of angles between 0 and 90 degrees: angles themselves, or an inner product "
+                  "of vectors that are not unit length, fall outside [0, 1].")
+        if len(got) > 1 and _close(got.flip(0), expected, 1e-4, 1e-5) and not _close(got, expected, 1e-4, 1e-5):
+            _fail(name, f"the cosines are in the wrong order {where}.", "the statement asks for the largest first.")
+        tol = 1e-4 if a.dtype == torch.float32 else 1e-8
+        _compare(name, out, expected, where, hint, rtol=tol, atol=tol)
+    _pass(name, f"matches scipy.linalg.subspace_angles on {len(cases)} pairs of subspaces (other bases of the "
+          "same space, orthogonal, tilted, of different dimensions, float32).")

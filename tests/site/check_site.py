@@ -13,13 +13,18 @@ For each page in the book's navigation (plus the root redirect and any other bui
   (c) requests: no request for a page resource failed or got an HTTP status >= 400;
   (d) offline: no request left 127.0.0.1 (such requests are recorded and blocked);
   (e) links: every link to another file of the site points to a file that exists;
-  (f) JavaScript: no uncaught exception.
+  (f) JavaScript: no uncaught exception;
+  (g) hidden tests: an exercise page (exercises/*.html) shows none of the hidden tests of its
+      instructor notebook (exercises/<page>.ipynb of the repository, or --exercises DIR), neither
+      in its HTML nor in the source it offers for download (_sources/): no "### BEGIN/END HIDDEN
+      TESTS" marker and no line of a hidden-test region. This check reads files only.
 
 It then opens search.html?q=QUERY and checks that the Sphinx search lists results that exist.
 
 Prints one line per page (OK / FAIL with reasons), then "N passed, M failed"; exits 1 on any
-failure and 2 when the browser cannot be started. The page discovery and the source-math detection
-are plain Python (no browser) and are unit-tested in tests/test_site_check_logic.py.
+failure and 2 when the browser cannot be started. The page discovery, the source-math detection
+and the hidden-test check are plain Python (no browser) and are unit-tested in
+tests/test_site_check_logic.py.
 """
 from __future__ import annotations
 
@@ -214,6 +219,105 @@ def find_source(site: Path, page: str) -> Path | None:
         if Path(base).stem == name and Path(base).suffix in {".ipynb", ".md", ".rst", ".txt", ""}:
             return cand
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Hidden tests of the exercises must not reach the site (pure Python)
+# --------------------------------------------------------------------------------------------
+EXERCISES = Path(__file__).resolve().parents[2] / "exercises"  # the instructor notebooks
+HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
+MIN_HIDDEN_CHARS = 12  # shorter hidden lines (")", "else:", "import math") are too common to mean a leak
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _cells(notebook_text: str) -> list[str]:
+    """The source of every cell of a notebook (JSON text), or [] if it is not a notebook."""
+    try:
+        cells = json.loads(notebook_text).get("cells", [])
+    except (ValueError, AttributeError):
+        return []
+    return ["".join(c.get("source", "")) if isinstance(c.get("source"), list) else c.get("source", "")
+            for c in cells]
+
+
+def _notebook_sources(notebook_text: str) -> str:
+    return "\n".join(_cells(notebook_text)) or notebook_text
+
+
+def hidden_test_lines(notebook_text: str) -> list[str]:
+    """The lines of a notebook's hidden-test regions that would betray a leak: whitespace-normalized,
+    at least MIN_HIDDEN_CHARS long, and not also written outside the hidden regions (a line the
+    visible code shares, such as an import, proves nothing). Comments count: they are hidden too."""
+    hidden, outside = set(), set()
+    for source in _cells(notebook_text):
+        inside = False
+        for line in source.splitlines():
+            mark = line.strip()
+            if mark.startswith(HIDDEN_BEGIN):
+                inside = True
+            elif mark.startswith(HIDDEN_END):
+                inside = False
+            elif mark:
+                (hidden if inside else outside).add(_normalize(line))
+    return sorted(line for line in hidden - outside if len(line) >= MIN_HIDDEN_CHARS)
+
+
+class _TextParser(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+
+    def handle_data(self, data):
+        self.parts.append(data)
+
+
+def page_text(html: str) -> str:
+    """Everything a page carries as text (scripts included, since a reader can see those too), with
+    the tags dropped, entities decoded and whitespace runs collapsed. Syntax highlighting splits a
+    code line into many spans; joining their text gives the line back."""
+    parser = _TextParser()
+    parser.feed(html)
+    parser.close()
+    return _normalize("".join(parser.parts))
+
+
+def hidden_test_leaks(text: str, hidden_lines: list[str]) -> list[str]:
+    """The hidden-test markers and hidden lines that occur in ``text`` (a page's text or a source)."""
+    text = _normalize(text)
+    return [m for m in (HIDDEN_BEGIN, HIDDEN_END) if m in text] + [ln for ln in hidden_lines if ln in text]
+
+
+def hidden_test_problems(site: Path, exercises: Path = EXERCISES) -> dict[str, list[str]]:
+    """For every exercise page of the site (exercises/*.html), the hidden tests it shows: in its
+    rendered HTML, or in the copy of its source that the page offers for download (_sources/).
+    The hidden lines are read from the instructor notebook of the same name in ``exercises``.
+    Returns {page: [reasons]}; pages without problems are left out."""
+    problems: dict[str, list[str]] = {}
+    for page in sorted(site.glob("exercises/*.html")):
+        rel = page.relative_to(site).as_posix()
+        notebook = exercises / (page.stem + ".ipynb")
+        reasons = []
+        hidden = hidden_test_lines(notebook.read_text(encoding="utf-8")) if notebook.exists() else []
+        if notebook.exists() and not hidden and HIDDEN_BEGIN in notebook.read_text(encoding="utf-8"):
+            reasons.append(f"{notebook.name} has hidden tests but none long enough to look for")
+        leaks = hidden_test_leaks(page_text(page.read_text(encoding="utf-8", errors="replace")), hidden)
+        if leaks:
+            reasons.append(f"hidden tests shown on the page ({len(leaks)} lines), e.g. {leaks[0]!r}")
+        source = find_source(site, rel)
+        if source is not None:
+            text = source.read_text(encoding="utf-8", errors="replace")
+            if ".ipynb" in source.name:  # JSON escapes quotes and newlines: compare the cells' text
+                text = _notebook_sources(text)
+            leaks = hidden_test_leaks(text, hidden)
+            if leaks:
+                reasons.append(f"hidden tests in the page's downloadable source {source.relative_to(site).as_posix()} "
+                               f"({len(leaks)} lines), e.g. {leaks[0]!r}")
+        if reasons:
+            problems[rel] = reasons
+    return problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"Chromium executable (default {CHROMIUM}, or $CHROMIUM)")
     ap.add_argument("--only", action="append", default=[], metavar="PAGE",
                     help="check only these pages (repeatable; for debugging)")
+    ap.add_argument("--exercises", type=Path, default=EXERCISES, metavar="DIR",
+                    help=f"the instructor notebooks whose hidden tests must not reach the site (default {EXERCISES})")
     args = ap.parse_args(argv)
     site: Path = args.site.resolve()
     queries = args.search_query or ["scvi"]
@@ -573,6 +679,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     pages, problems = discover_pages(site)
+    if args.exercises.is_dir():
+        hidden = hidden_test_problems(site, args.exercises)
+    else:
+        hidden = {}
+        problems.append(f"--exercises {args.exercises}: no such folder, so the hidden tests were not looked for")
     if args.only:
         want = {p if p.endswith(".html") else p + ".html" for p in args.only}
         pages = [p for p in pages if p in want]
@@ -623,6 +734,9 @@ def main(argv: list[str] | None = None) -> int:
                 redirect = rel == "index.html" and parse_nav(
                     (site / rel).read_text(encoding="utf-8", errors="replace"))[1] is not None
                 reasons, desc = check_page(ctx, site, base, rel, args.timeout, must, redirect, notes)
+                reasons = reasons + hidden.get(rel, [])
+                if rel.startswith("exercises/") and args.exercises.is_dir() and rel not in hidden:
+                    desc += ", no hidden tests"
                 if reasons:
                     n_fail += 1
                     print(f"FAIL {rel}")
